@@ -1,0 +1,22 @@
+"""Errors meant for people: each message says what is wrong and how to fix it.
+
+`train.py` prints a `UserError` as one clear message (no traceback) and exits with status 2.
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """A problem with the user's configuration, data or inputs (not a bug in mcl_lightning)."""
+
+
+class ConfigError(UserError, ValueError):
+    """An invalid or inconsistent configuration value."""
+
+
+class DatasetNotFoundError(UserError, FileNotFoundError):
+    """Dataset files are missing and could not be downloaded."""
+
+
+class DatasetIntegrityError(UserError, RuntimeError):
+    """Dataset files exist but are truncated, corrupted or of the wrong kind."""
