@@ -1,0 +1,24 @@
+"""Plain ``nn.Module``s: backbones (by name), the peer network, projection heads."""
+
+from mcl_lightning.models import cifar_resnet, wrn  # noqa: F401  (register the backbones)
+from mcl_lightning.models.heads import ProjectionHead
+from mcl_lightning.models.peers import TOPOLOGIES, PeerNetwork, PeerOutput
+from mcl_lightning.models.registry import (
+    StagedBackbone,
+    count_parameters,
+    create_backbone,
+    list_backbones,
+    register_backbone,
+)
+
+__all__ = [
+    "PeerNetwork",
+    "PeerOutput",
+    "ProjectionHead",
+    "StagedBackbone",
+    "TOPOLOGIES",
+    "count_parameters",
+    "create_backbone",
+    "list_backbones",
+    "register_backbone",
+]

@@ -1,0 +1,71 @@
+"""Per-peer memory banks: one momentum-averaged, L2-normalised embedding per training sample."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+
+class MemoryBank(nn.Module):
+    """``num_peers`` banks of ``num_samples`` x ``dim`` rows, stored as one buffer.
+
+    A buffer (not a parameter) so that Lightning checkpoints carry it and the optimiser never sees
+    it. Stacking the peers' banks lets one indexing call gather every bank's rows for a step.
+
+    Rows start i.i.d. Uniform(-s, s), s = 1/sqrt(dim/3), as the reference (norm about 1, not
+    normalised). ``num_samples`` may be 0 at construction; :meth:`resize` sizes the banks once the
+    training set is known, and loading a checkpoint sizes them from the checkpoint.
+    """
+
+    def __init__(self, num_peers: int, num_samples: int = 0, dim: int = 128, momentum: float = 0.5) -> None:
+        super().__init__()
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"memory momentum must be in [0, 1), got {momentum}")
+        self.num_peers, self.dim, self.momentum = num_peers, dim, momentum
+        self.register_buffer("memory", torch.empty(num_peers, 0, dim))
+        self.resize(num_samples)
+
+    @property
+    def num_samples(self) -> int:
+        return self.memory.shape[1]
+
+    def resize(self, num_samples: int) -> None:
+        """Re-initialise the banks for a training set of ``num_samples`` items."""
+        stdv = 1.0 / math.sqrt(self.dim / 3)
+        memory = torch.rand(self.num_peers, num_samples, self.dim, device=self.memory.device)
+        self.memory = memory.mul_(2 * stdv).add_(-stdv)
+
+    def gather(self, indices: Tensor) -> Tensor:
+        """Rows at ``indices`` (any shape) of every bank: (num_peers, *indices.shape, dim)."""
+        return self.memory[:, indices]
+
+    @torch.no_grad()
+    def update(self, indices: Tensor, embeddings: Tensor) -> None:
+        """``m_i[idx] <- normalise(mu * m_i[idx] + (1 - mu) * z_i)`` for every peer i.
+
+        Under DDP the (indices, embeddings) of all ranks are gathered first, so every rank keeps the
+        same banks (with ``broadcast_buffers=False`` nothing else synchronises them).
+        """
+        indices, embeddings = _all_gather_cat(indices), _all_gather_cat(embeddings.float())
+        rows = self.memory[:, indices].mul_(self.momentum).add_(embeddings, alpha=1.0 - self.momentum)
+        rows = rows / rows.pow(2).sum(-1, keepdim=True).sqrt()
+        self.memory.index_copy_(1, indices, rows)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001
+        # A checkpoint knows the training-set size; take its shape before the usual copy.
+        saved = state_dict.get(prefix + "memory")
+        if saved is not None and saved.shape != self.memory.shape:
+            self.memory = torch.empty_like(saved, device=self.memory.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def _all_gather_cat(tensor: Tensor) -> Tensor:
+    """Concatenate ``tensor`` (dim 0 for indices, dim 1 for stacked embeddings) over all ranks."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts, dim=0 if tensor.dim() == 1 else 1)

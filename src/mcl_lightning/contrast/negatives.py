@@ -1,0 +1,79 @@
+"""Class-aware contrast indices drawn on the training device, per batch, from the labels.
+
+For every anchor: ``[positive, K negatives]`` bank indices. Negatives never share the anchor's
+class (the reference's ``cls_negative`` pools); the positive is the anchor itself (``exact``) or a
+random sample of its class (``relax``). The reference draws these per item with NumPy inside the
+dataset; here one vectorised draw per batch uses the torch RNG of the device, so
+``seed_everything`` makes it reproducible and no CPU work sits on the data path.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from mcl_lightning.errors import ConfigError
+
+POSITIVE_MODES = ("exact", "relax")
+
+
+class NegativeSampler(nn.Module):
+    """Draw (B, K + 1) contrast indices: column 0 the positive, columns 1..K the negatives.
+
+    Args:
+        k: negatives per anchor (the reference's ``nce_k``).
+        positive: ``exact`` or ``relax``.
+        replacement: draw negatives with replacement (the reference's ImageNet behaviour). Without
+            replacement (its CIFAR behaviour) the K negatives of a row are distinct, and K may not
+            exceed the smallest negative pool.
+    """
+
+    def __init__(self, k: int, positive: str = "exact", replacement: bool = False) -> None:
+        super().__init__()
+        if k < 1:
+            raise ConfigError(f"method.nce_k must be >= 1, got {k}")
+        if positive not in POSITIVE_MODES:
+            raise ConfigError(f"unknown positive mode {positive!r}; choose one of: {', '.join(POSITIVE_MODES)}")
+        self.k, self.positive, self.replacement = k, positive, replacement
+        # Training-set indices sorted by class, and where each class starts in that order.
+        self.register_buffer("order", torch.empty(0, dtype=torch.long))
+        self.register_buffer("class_start", torch.zeros(1, dtype=torch.long))
+
+    def bind(self, train_labels: Tensor) -> None:
+        """Index the training set's labels (dataset-index order); checks K against the pools."""
+        labels = train_labels.long().to(self.order.device)
+        num_classes = int(labels.max()) + 1
+        counts = torch.bincount(labels, minlength=num_classes)
+        pool = len(labels) - counts  # negatives available to an anchor of each class
+        smallest = int(pool[counts > 0].min())
+        if not self.replacement and self.k > smallest:
+            raise ConfigError(
+                f"method.nce_k={self.k} exceeds the {smallest} negatives available to an anchor "
+                f"(training samples outside its class); lower method.nce_k or set "
+                "method.negatives_with_replacement=true"
+            )
+        self.order = torch.argsort(labels, stable=True)
+        self.class_start = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+
+    def forward(self, indices: Tensor, labels: Tensor) -> Tensor:
+        if self.order.numel() == 0:
+            raise RuntimeError("NegativeSampler.bind(train_labels) must be called before sampling")
+        start = self.class_start[labels]  # (B,)
+        count = self.class_start[labels + 1] - start
+        pool = len(self.order) - count  # (B,) negatives per anchor
+        batch, device = labels.shape[0], labels.device
+        if self.replacement:
+            pos = (torch.rand(batch, self.k, device=device) * pool[:, None]).long()
+        else:
+            # K distinct positions in [0, pool): the K smallest of uniform keys (a uniform K-subset).
+            keys = torch.rand(batch, int(pool.max()), device=device)
+            keys.masked_fill_(torch.arange(keys.shape[1], device=device) >= pool[:, None], 2.0)
+            pos = keys.topk(self.k, dim=1, largest=False, sorted=False).indices
+        # Position p in the pool skips the anchor's class block [start, start + count).
+        pos = pos + count[:, None] * (pos >= start[:, None])
+        negatives = self.order[pos]
+        if self.positive == "exact":
+            positive = indices
+        else:
+            positive = self.order[start + (torch.rand(batch, device=device) * count).long()]
+        return torch.cat([positive[:, None], negatives], dim=1)

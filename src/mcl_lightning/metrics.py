@@ -1,0 +1,51 @@
+"""Top-k accuracy for every peer, the peers' mean and the ensemble (argmax of the mean logits)."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
+
+
+def _topk_collection(num_classes: int, top_k: tuple[int, ...]) -> MetricCollection:
+    return MetricCollection(
+        {f"top{k}": MulticlassAccuracy(num_classes, top_k=k, average="micro") for k in top_k}
+    )
+
+
+class PeerMetrics(nn.Module):
+    """One metric collection per peer plus one for the ensemble, for one stage (val or test).
+
+    ``compute()`` returns flat names: ``peer{i}/top{k}``, ``peer_mean/top{k}`` (mean over peers),
+    ``best_peer/top1`` (max over peers, what checkpoints select on) and ``ensemble/top{k}``. The
+    ensemble is the argmax of the mean of the peers' logits, as the reference's "Ens".
+    """
+
+    def __init__(self, num_peers: int, num_classes: int, top_k: tuple[int, ...] = (1, 5)) -> None:
+        super().__init__()
+        self.top_k = tuple(k for k in top_k if k <= num_classes)
+        self.peers = nn.ModuleList(_topk_collection(num_classes, self.top_k) for _ in range(num_peers))
+        self.ensemble = _topk_collection(num_classes, self.top_k)
+
+    def update(self, logits: Tensor, labels: Tensor) -> None:
+        """``logits``: (N, B, classes)."""
+        for metric, peer_logits in zip(self.peers, logits):
+            metric.update(peer_logits, labels)
+        self.ensemble.update(logits.mean(0), labels)
+
+    def compute(self) -> dict[str, Tensor]:
+        values: dict[str, Tensor] = {}
+        per_peer = [metric.compute() for metric in self.peers]
+        for i, peer in enumerate(per_peer):
+            values.update({f"peer{i}/{name}": value for name, value in peer.items()})
+        for name in per_peer[0]:
+            stacked = [peer[name] for peer in per_peer]
+            values[f"peer_mean/{name}"] = sum(stacked) / len(stacked)
+        values["best_peer/top1"] = max(peer["top1"] for peer in per_peer)
+        values.update({f"ensemble/{name}": value for name, value in self.ensemble.compute().items()})
+        return values
+
+    def reset(self) -> None:
+        for metric in self.peers:
+            metric.reset()
+        self.ensemble.reset()

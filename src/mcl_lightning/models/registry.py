@@ -1,0 +1,119 @@
+"""Backbones by name, in the spirit of timm's model registry.
+
+A backbone is a `StagedBackbone`: a list of stages, a pooling head and a linear classifier. The
+split into stages is what lets `PeerNetwork` share the early stages between peers (the
+reference's multi-branch topology) without each backbone knowing about peers.
+
+Add a backbone: write one file in `models/` with a constructor decorated by
+`@register_backbone("name")`, import it in `models/__init__.py`, and add `conf/backbone/name.yaml`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from mcl_lightning.errors import ConfigError
+
+
+class StagedBackbone(nn.Module):
+    """A classification network as ``classifier(pool(stages(x)))``.
+
+    Args:
+        stages: the feature stages, applied in order (``stages[0]`` is the stem).
+        pool: maps the last stage's output to the pooled penultimate feature vector (B, C).
+        classifier: the final linear layer, C -> num_classes.
+        feature_dim: C, the width of the pooled feature vector.
+        branch_point: default number of leading stages that peers share in the
+            ``shared_trunk`` topology (the reference's branch point for this backbone).
+    """
+
+    def __init__(
+        self,
+        stages: Sequence[nn.Module],
+        pool: nn.Module,
+        classifier: nn.Linear,
+        feature_dim: int,
+        branch_point: int,
+    ) -> None:
+        super().__init__()
+        if not 0 <= branch_point < len(stages):
+            raise ValueError(f"branch_point must be in [0, {len(stages) - 1}], got {branch_point}")
+        self.stages = nn.ModuleList(stages)
+        self.pool = pool
+        self.classifier = classifier
+        self.feature_dim = feature_dim
+        self.branch_point = branch_point
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """The pooled penultimate features (B, C) that feed the classifier."""
+        for stage in self.stages:
+            x = stage(x)
+        return self.pool(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.forward_features(x))
+
+
+BackboneFactory = Callable[..., StagedBackbone]
+_REGISTRY: dict[str, BackboneFactory] = {}
+
+
+def register_backbone(name: str) -> Callable[[BackboneFactory], BackboneFactory]:
+    """Decorator: register ``fn(num_classes=..., **kwargs) -> StagedBackbone`` under ``name``."""
+
+    def decorator(fn: BackboneFactory) -> BackboneFactory:
+        if name in _REGISTRY:
+            raise ValueError(f"backbone {name!r} is already registered")
+        _REGISTRY[name] = fn
+        return fn
+
+    return decorator
+
+
+def list_backbones() -> list[str]:
+    """The registered backbone names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def create_backbone(name: str, num_classes: int = 100, **kwargs) -> StagedBackbone:
+    """Build the backbone registered as ``name``."""
+    if name not in _REGISTRY:
+        raise ConfigError(
+            f"unknown backbone {name!r}; choose one of: {', '.join(list_backbones())} "
+            "(e.g. backbone=resnet32)"
+        )
+    return _REGISTRY[name](num_classes=num_classes, **kwargs)
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of parameters (trainable or not) of ``module``."""
+    return sum(p.numel() for p in module.parameters())
+
+
+def kaiming_init(module: nn.Module) -> None:
+    """The reference's init: conv Kaiming-normal (fan_out, ReLU), BN weight 1 / bias 0."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+@torch.no_grad()
+def feature_dim_of(module: nn.Module, input_shape: Sequence[int] = (2, 3, 32, 32)) -> int:
+    """Width of a feature extractor's output, found with a dummy forward pass (as the reference)."""
+    was_training = module.training
+    module.eval()
+    try:
+        param = next(module.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+        out = module(torch.zeros(*input_shape, device=device))
+    finally:
+        module.train(was_training)
+    return int(out.flatten(1).shape[1])

@@ -1,0 +1,60 @@
+"""results.json and the end-of-run table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+GROUPS_ORDER = ("peer_mean", "ensemble")
+
+
+def nest_metrics(flat: dict[str, float]) -> dict[str, dict[str, float]]:
+    """{"peer0/top1": x} -> {"peer0": {"top1": x}} (drops bookkeeping keys such as "epoch")."""
+    nested: dict[str, dict[str, float]] = {}
+    for key, value in flat.items():
+        if "/" in key:
+            group, metric = key.split("/", 1)
+            nested.setdefault(group, {})[metric] = value
+    return nested
+
+
+def summarise(history: list[dict[str, float]]) -> dict[str, Any]:
+    """Final (last epoch) and best (max over epochs, per metric) validation values."""
+    if not history:
+        return {"final": {}, "best": {}, "best_epoch": None}
+    keys = [k for k in history[-1] if k != "epoch"]
+    best = {k: max(entry[k] for entry in history) for k in keys}
+    best_entry = max(history, key=lambda entry: entry["best_peer/top1"])
+    return {"final": nest_metrics(history[-1]), "best": nest_metrics(best), "best_epoch": int(best_entry["epoch"])}
+
+
+def write_results(path: str | Path, results: dict[str, Any]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2, sort_keys=False, default=str) + "\n")
+    return path
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """A short text table: one row per peer, the peer mean and the ensemble (top-1/top-5, %)."""
+    final, best, test = results.get("final", {}), results.get("best", {}), results.get("test", {})
+    peers = sorted((g for g in final if g.startswith("peer") and g[4:].isdigit()), key=lambda g: int(g[4:]))
+    rows = peers + [g for g in GROUPS_ORDER if g in final]
+
+    def pct(group: dict[str, dict[str, float]], name: str, metric: str) -> str:
+        value = group.get(name, {}).get(metric)
+        return f"{100 * value:6.2f}" if value is not None else "     -"
+
+    header = f"{'':10} {'final top1':>10} {'final top5':>10} {'best top1':>10} {'test top1':>10} {'test top5':>10}"
+    lines = [
+        f"{results.get('method')} | {results.get('backbone')} x{results.get('peers')} ({results.get('topology')}) | "
+        f"{results.get('epochs_run')} epochs | validation: {results.get('selection')}",
+        header,
+    ]
+    for name in rows:
+        lines.append(
+            f"{name:10} {pct(final, name, 'top1'):>10} {pct(final, name, 'top5'):>10} "
+            f"{pct(best, name, 'top1'):>10} {pct(test, name, 'top1'):>10} {pct(test, name, 'top5'):>10}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,145 @@
+"""The LightningModule: peers + an OKD method, metrics, and the optimiser.
+
+One training step, one way: batch -> peers(images) -> PeerOutput -> method(...) -> {name: loss}
+-> sum -> backward. The system knows no method's internals; methods know no optimiser.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from mcl_lightning.errors import ConfigError
+from mcl_lightning.methods.base import OKDMethod
+from mcl_lightning.metrics import PeerMetrics
+from mcl_lightning.models.peers import PeerNetwork, PeerOutput
+
+SCHEDULERS = ("cosine", "multistep", "constant")
+MONITOR = "val/best_peer/top1"  # checkpoints select on the best peer's validation top-1
+
+
+class OKDSystem(L.LightningModule):
+    """Trains ``peers`` with ``method`` using one SGD optimiser over the peers and the method.
+
+    Args:
+        peers: the peer network (``PeerNetwork.from_backbone`` or ``PeerNetwork.from_modules``).
+        method: an ``OKDMethod`` built for ``peers.num_peers`` and ``peers.feature_dim``.
+        num_classes: number of classes, for the metrics.
+        lr, momentum, weight_decay, nesterov: SGD (reference: 0.05, 0.9, 5e-4, Nesterov; weight
+            decay on every parameter, BN and heads included, as the reference).
+        scheduler: ``cosine`` (per epoch, ``lr * 0.5 * (1 + cos(pi * e / max_epochs))``, the
+            reference's one-cycle SGDR), ``multistep`` (x ``lr_decay`` at ``milestones``) or ``constant``.
+    """
+
+    def __init__(
+        self,
+        peers: PeerNetwork,
+        method: OKDMethod,
+        num_classes: int,
+        lr: float = 0.05,
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        nesterov: bool = True,
+        scheduler: str = "cosine",
+        milestones: Sequence[int] = (150, 200, 250),
+        lr_decay: float = 0.1,
+    ) -> None:
+        super().__init__()
+        if scheduler not in SCHEDULERS:
+            raise ConfigError(f"unknown scheduler {scheduler!r}; choose one of: {', '.join(SCHEDULERS)}")
+        if method.num_peers != peers.num_peers:
+            raise ConfigError(f"the method was built for {method.num_peers} peers, the network has {peers.num_peers}")
+        self.save_hyperparameters(ignore=["peers", "method"])
+        self.peers = peers
+        self.method = method
+        self.val_metrics = PeerMetrics(peers.num_peers, num_classes)
+        self.test_metrics = PeerMetrics(peers.num_peers, num_classes)
+        self.val_history: list[dict[str, float]] = []  # one entry per validation epoch
+        self.test_results: dict[str, float] = {}
+
+    def forward(self, images: Tensor) -> PeerOutput:
+        return self.peers(images)
+
+    def setup(self, stage: str) -> None:
+        if stage != "fit":
+            return
+        labels = getattr(self.trainer.datamodule, "train_labels", None) if self.trainer.datamodule else None
+        if labels is None:
+            if type(self.method).setup_data is not OKDMethod.setup_data:
+                raise ConfigError(
+                    f"method {self.method.name!r} needs the training labels: pass a DataModule with a "
+                    "`train_labels` tensor (dataset-index order) to trainer.fit"
+                )
+            return
+        self.method.setup_data(labels)
+
+    # -- training ---------------------------------------------------------------------------
+    def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
+        images, labels, indices = batch
+        output = self.peers(images)
+        losses = self.method(output, labels, indices)
+        loss = torch.stack(list(losses.values())).sum()
+        batch_size = labels.shape[0]
+        # Epoch-level logging accumulates on the device: no host sync inside the step.
+        log = dict(on_step=False, on_epoch=True, batch_size=batch_size)
+        for name, value in losses.items():
+            self.log(f"train/loss/{name}", value, **log)
+        self.log("train/loss", loss, prog_bar=True, **log)
+        correct = (output.logits.detach().argmax(-1) == labels).float().mean(1)
+        for i, acc in enumerate(correct):
+            self.log(f"train/peer{i}/top1", acc, **log)
+        return loss
+
+    # -- evaluation -------------------------------------------------------------------------
+    def validation_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> None:
+        images, labels, _ = batch
+        self.val_metrics.update(self.peers(images).logits, labels)
+
+    def on_validation_epoch_end(self) -> None:
+        values = self.val_metrics.compute()
+        self.val_metrics.reset()
+        self.log_dict({f"val/{k}": v for k, v in values.items()}, prog_bar=False)
+        if not self.trainer.sanity_checking:
+            entry = {k: float(v) for k, v in values.items()}
+            entry["epoch"] = self.current_epoch
+            self.val_history.append(entry)
+
+    def test_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> None:
+        images, labels, _ = batch
+        self.test_metrics.update(self.peers(images).logits, labels)
+
+    def on_test_epoch_end(self) -> None:
+        values = self.test_metrics.compute()
+        self.test_metrics.reset()
+        self.log_dict({f"test/{k}": v for k, v in values.items()})
+        self.test_results = {k: float(v) for k, v in values.items()}
+
+    # -- optimisation -----------------------------------------------------------------------
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        optimizer = torch.optim.SGD(
+            self.parameters(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay, nesterov=hp.nesterov
+        )
+        if hp.scheduler == "constant":
+            return {"optimizer": optimizer}
+        if hp.scheduler == "multistep":
+            schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(hp.milestones), gamma=hp.lr_decay)
+        else:
+            epochs = self.trainer.max_epochs
+            if epochs is None or epochs < 1:
+                raise ConfigError("scheduler=cosine needs trainer.max_epochs >= 1 (the cosine period)")
+            schedule = torch.optim.lr_scheduler.LambdaLR(
+                optimizer, lambda e: 0.5 * (1.0 + math.cos(math.pi * e / epochs))
+            )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "epoch"}}
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["val_history"] = self.val_history
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.val_history = list(checkpoint.get("val_history", []))
