@@ -35,9 +35,10 @@ class NegativeSampler(nn.Module):
         if positive not in POSITIVE_MODES:
             raise ConfigError(f"unknown positive mode {positive!r}; choose one of: {', '.join(POSITIVE_MODES)}")
         self.k, self.positive, self.replacement = k, positive, replacement
-        # Training-set indices sorted by class, and where each class starts in that order.
-        self.register_buffer("order", torch.empty(0, dtype=torch.long))
-        self.register_buffer("class_start", torch.zeros(1, dtype=torch.long))
+        # Training-set indices sorted by class, and where each class starts in that order. Derived
+        # from the labels at every setup, so kept out of checkpoints (persistent=False).
+        self.register_buffer("order", torch.empty(0, dtype=torch.long), persistent=False)
+        self.register_buffer("class_start", torch.zeros(1, dtype=torch.long), persistent=False)
 
     def bind(self, train_labels: Tensor) -> None:
         """Index the training set's labels (dataset-index order); checks K against the pools."""

@@ -1,0 +1,222 @@
+"""MCL-OKD's contrastive machinery against float64 computations written from the formulas."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mcl_lightning.contrast import MemoryBank, NegativeSampler, multi_view_nce
+from mcl_lightning.errors import ConfigError
+from mcl_lightning.methods import MCLOKD
+from mcl_lightning.models import PeerNetwork, PeerOutput
+
+
+def reference_mcl_loss(bank, z, contrast_idx, tau, eps=1e-7):
+    """method.md §4.4-4.7, one ordered pair at a time, in float64.
+
+    bank: (N, N_data, D) memory banks; z: (N, B, D) embeddings; contrast_idx: (B, K + 1).
+    """
+    n_peers, n_data, _ = bank.shape
+    k = contrast_idx.shape[1] - 1
+    pn = 1.0 / n_data
+    total = 0.0
+    for a in range(n_peers):
+        for b in range(n_peers):
+            if a == b:
+                continue
+            rows = bank[a][contrast_idx]  # (B, K + 1, D): peer a's bank
+            s = torch.exp(torch.einsum("bkd,bd->bk", rows, z[b]) / tau)  # peer b's embedding
+            big_z = (s.mean() * n_data).detach()  # per-batch partition estimate, no gradient
+            p = s / big_z
+            term = torch.log(p[:, 0] / (p[:, 0] + k * pn + eps))
+            term = term + torch.log(k * pn / (p[:, 1:] + k * pn + eps)).sum(1)
+            total = total - term.sum() / len(term)
+    return total
+
+
+def _random_state(n_peers, k, batch=6, n_data=40, dim=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    bank = torch.rand(n_peers, n_data, dim, generator=g) * 0.3 - 0.15
+    z = torch.nn.functional.normalize(torch.randn(n_peers, batch, dim, generator=g), dim=-1)
+    idx = torch.randint(0, n_data, (batch, k + 1), generator=g)
+    return bank, z, idx
+
+
+@pytest.mark.parametrize("n_peers", [2, 3, 4])
+@pytest.mark.parametrize("k", [5, 24])
+def test_contrastive_loss_and_gradient_match_float64_formula(n_peers, k):
+    bank, z, idx = _random_state(n_peers, k)
+    z32 = z.clone().requires_grad_(True)
+    loss = multi_view_nce(bank[:, idx], z32, tau=0.1, num_samples=bank.shape[1])
+    loss.backward()
+    z64 = z.double().requires_grad_(True)
+    expected = reference_mcl_loss(bank.double(), z64, idx, tau=0.1)
+    expected.backward()
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(z32.grad.double(), z64.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("n_peers", [2, 3, 4])
+def test_method_contrastive_term_scores_before_updating_the_banks(n_peers):
+    """The whole MCLOKD path (heads, sampler, gather, NCE, update) against the float64 formula."""
+    torch.manual_seed(0)
+    n_data, k, batch, c = 60, 7, 5, 12
+    labels_all = torch.arange(n_data) % 6
+    method = MCLOKD(n_peers, c, feat_dim=16, nce_k=k)
+    method.setup_data(labels_all)
+    bank_before = method.memory_bank.memory.clone()
+    indices = torch.tensor([3, 17, 22, 41, 58])
+    labels = labels_all[indices]
+    features = torch.randn(n_peers, batch, c, requires_grad=True)
+
+    torch.manual_seed(123)
+    contrast_idx = method.negatives(indices, labels)
+    torch.manual_seed(123)
+    loss = method.contrastive(features, labels, indices)
+    loss.backward()
+
+    f64 = features.detach().double().requires_grad_(True)
+    z = []
+    for head, f in zip(method.heads, f64):
+        w, b = head.linear.weight.double(), head.linear.bias.double()
+        e = f @ w.T + b
+        z.append(e / e.norm(dim=1, keepdim=True))
+    expected = reference_mcl_loss(bank_before.double(), torch.stack(z), contrast_idx, tau=0.1)
+    expected.backward()
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(features.grad.double(), f64.grad, rtol=1e-4, atol=1e-6)
+
+    # Bank update (method.md §4.8): m <- normalise(0.5 m + 0.5 z) at the batch's indices only.
+    z_now = torch.stack(z).detach().float()
+    updated = 0.5 * bank_before[:, indices] + 0.5 * z_now
+    updated = updated / updated.norm(dim=-1, keepdim=True)
+    after = method.memory_bank.memory
+    torch.testing.assert_close(after[:, indices], updated, rtol=1e-5, atol=1e-6)
+    untouched = torch.ones(n_data, dtype=torch.bool)
+    untouched[indices] = False
+    assert torch.equal(after[:, untouched], bank_before[:, untouched])
+
+
+def test_memory_bank_initialisation_and_update_rule():
+    torch.manual_seed(0)
+    bank = MemoryBank(num_peers=2, num_samples=1000, dim=128, momentum=0.5)
+    bound = 1 / math.sqrt(128 / 3)
+    assert bank.memory.shape == (2, 1000, 128)
+    assert bank.memory.abs().max() <= bound and bank.memory.abs().max() > 0.9 * bound
+    norms = bank.memory.norm(dim=-1)
+    assert abs(norms.mean().item() - 1.0) < 0.05  # norm about 1, not normalised
+    old = bank.memory.clone()
+    idx = torch.tensor([5, 7])
+    z = torch.nn.functional.normalize(torch.randn(2, 2, 128), dim=-1)
+    bank.update(idx, z)
+    expected = 0.5 * old[:, idx] + 0.5 * z
+    torch.testing.assert_close(bank.memory[:, idx], expected / expected.norm(dim=-1, keepdim=True))
+    torch.testing.assert_close(bank.memory[:, idx].norm(dim=-1), torch.ones(2, 2))
+
+
+def _cifar_like_labels(n_classes=10, per_class=50):
+    g = torch.Generator().manual_seed(1)
+    return torch.arange(n_classes).repeat_interleave(per_class)[torch.randperm(n_classes * per_class, generator=g)]
+
+
+@pytest.mark.parametrize("positive", ["exact", "relax"])
+@pytest.mark.parametrize("replacement", [False, True])
+def test_negatives_never_share_the_anchor_class(positive, replacement):
+    labels_all = _cifar_like_labels()
+    sampler = NegativeSampler(k=400, positive=positive, replacement=replacement)
+    sampler.bind(labels_all)
+    indices = torch.arange(0, 500, 7)
+    idx = sampler(indices, labels_all[indices])
+    assert idx.shape == (len(indices), 401) and idx.dtype == torch.long
+    assert (idx >= 0).all() and (idx < 500).all()
+    anchors = labels_all[indices][:, None]
+    assert (labels_all[idx[:, 1:]] != anchors).all()
+    if positive == "exact":
+        assert torch.equal(idx[:, 0], indices)
+    else:
+        assert (labels_all[idx[:, 0]] == anchors[:, 0]).all()
+    if not replacement:  # distinct within a row, as the reference on CIFAR
+        assert all(len(set(row.tolist())) == 400 for row in idx[:, 1:])
+
+
+def test_negatives_cover_the_whole_pool_uniformly():
+    labels_all = _cifar_like_labels()
+    sampler = NegativeSampler(k=30)
+    sampler.bind(labels_all)
+    anchor = torch.zeros(2000, dtype=torch.long)  # sample 0 over and over
+    counts = torch.bincount(sampler(anchor, labels_all[anchor])[:, 1:].flatten(), minlength=500)
+    own_class = labels_all == labels_all[0]
+    assert counts[own_class].sum() == 0
+    others = counts[~own_class].float()  # 450 candidates, expected 2000 * 30 / 450 = 133 each
+    assert others.min() > 80 and others.max() < 200
+
+
+def test_same_seed_gives_the_same_negatives():
+    labels_all = _cifar_like_labels()
+    sampler = NegativeSampler(k=64, positive="relax")
+    sampler.bind(labels_all)
+    indices = torch.arange(32)
+    torch.manual_seed(7)
+    first = sampler(indices, labels_all[indices])
+    torch.manual_seed(7)
+    again = sampler(indices, labels_all[indices])
+    other = sampler(indices, labels_all[indices])
+    assert torch.equal(first, again) and not torch.equal(first, other)
+
+
+def test_k_larger_than_the_negative_pool_is_a_clear_error():
+    labels_all = _cifar_like_labels()  # 450 negatives per anchor
+    NegativeSampler(k=450).bind(labels_all)
+    with pytest.raises(ConfigError, match="nce_k=451 exceeds the 450 negatives"):
+        NegativeSampler(k=451).bind(labels_all)
+    NegativeSampler(k=451, replacement=True).bind(labels_all)  # allowed with replacement
+    with pytest.raises(ConfigError, match="nce_k"):
+        MCLOKD(2, 16, nce_k=1000).setup_data(labels_all)
+
+
+def test_contrastive_loss_under_bf16_autocast_matches_float32():
+    torch.manual_seed(0)
+    labels_all = _cifar_like_labels()
+    peers = PeerNetwork.from_backbone("resnet20", num_peers=3, num_classes=10)
+    method = MCLOKD(3, peers.feature_dim, nce_k=64)
+    method.setup_data(labels_all)
+    x = torch.randn(8, 3, 32, 32)
+    indices = torch.arange(8)
+    labels = labels_all[indices]
+    bank = method.memory_bank.memory.clone()
+    with torch.no_grad():
+        torch.manual_seed(5)
+        fp32 = method(peers(x), labels, indices)
+        method.memory_bank.memory.copy_(bank)
+        torch.manual_seed(5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            output = peers(x)
+            assert output.features.dtype == torch.bfloat16
+            bf16 = method(output, labels, indices)
+    for name in fp32:
+        assert torch.isfinite(bf16[name]), name
+        assert bf16[name].dtype == torch.float32
+    rel = abs(bf16["contrastive"] - fp32["contrastive"]) / fp32["contrastive"]
+    assert rel < 1e-2
+
+
+def test_online_teacher_kd_targets_last_or_all_peers():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 4, 10, requires_grad=True)
+    output = PeerOutput(logits, torch.randn(3, 4, 8))
+    last = MCLOKD(3, 8, nce_k=4, online_teacher_targets="last")
+    kd = last.online_teacher_kd(output.logits)
+    kd.backward()
+    assert logits.grad[:2].abs().sum() == 0 and logits.grad[2].abs().sum() > 0  # teacher detached
+    teacher = logits.detach().mean(0)
+    p_t = torch.softmax(teacher / 3, -1)
+    expected = 9 * (p_t * (p_t.log() - torch.log_softmax(logits[2].detach() / 3, -1))).sum(-1).mean()
+    torch.testing.assert_close(kd.detach(), expected)
+    every = MCLOKD(3, 8, nce_k=4, online_teacher_targets="all").online_teacher_kd(logits.detach())
+    assert every > kd.detach()
+    with pytest.raises(ConfigError, match="online_teacher_targets"):
+        MCLOKD(3, 8, online_teacher_targets="first")
+    with pytest.raises(ConfigError, match="peers >= 2"):
+        MCLOKD(1, 8)

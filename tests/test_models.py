@@ -1,0 +1,140 @@
+"""Backbone registry, parameter counts against the reference, peer topologies, export."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from mcl_lightning.errors import ConfigError
+from mcl_lightning.models import (
+    TOPOLOGIES,
+    PeerNetwork,
+    StagedBackbone,
+    count_parameters,
+    create_backbone,
+    list_backbones,
+    register_backbone,
+)
+
+# Exact counts at 100 classes. Reference figures (method.md §2, §9.4): ResNet-32 0.4728M,
+# ResNet-110 (bottleneck) 1.1709M; WRN-16-2 1.407M and WRN-40-2 4.510M for two independent nets.
+PLAIN_PARAMS = {
+    "resnet20": 278_324,
+    "resnet32": 472_756,
+    "resnet56": 861_620,
+    "resnet110": 1_736_564,
+    "resnet110_bottleneck": 1_170_868,
+    "wrn_16_2": 703_284,
+    "wrn_40_2": 2_255_156,
+}
+# Four shared-trunk peers, projection heads excluded (method.md §2 and §9.4, in millions).
+REFERENCE_SHARED_TRUNK_X4 = {"resnet32": 1.820, "resnet110_bottleneck": 4.517, "wrn_16_2": 2.713, "wrn_40_2": 8.698}
+FEATURE_DIM = {"resnet110_bottleneck": 256, "wrn_16_2": 128, "wrn_40_2": 128}
+
+
+def test_registry_lists_every_backbone_with_a_count():
+    assert sorted(PLAIN_PARAMS) == list_backbones()
+
+
+@pytest.mark.parametrize("name", sorted(PLAIN_PARAMS))
+def test_plain_backbone_parameter_count_and_shapes(name):
+    net = create_backbone(name, num_classes=100)
+    assert count_parameters(net) == PLAIN_PARAMS[name]
+    x = torch.randn(2, 3, 32, 32)
+    assert net(x).shape == (2, 100)
+    assert net.forward_features(x).shape == (2, FEATURE_DIM.get(name, 64))
+
+
+def test_reference_parameter_counts_in_millions():
+    assert round(PLAIN_PARAMS["resnet32"] / 1e6, 4) == 0.4728
+    assert round(PLAIN_PARAMS["resnet110_bottleneck"] / 1e6, 4) == 1.1709
+    assert round(2 * PLAIN_PARAMS["wrn_16_2"] / 1e6, 3) == 1.407
+    assert round(2 * PLAIN_PARAMS["wrn_40_2"] / 1e6, 3) == 4.510
+    for name, millions in REFERENCE_SHARED_TRUNK_X4.items():
+        peers = PeerNetwork.from_backbone(name, num_peers=4, topology="shared_trunk")
+        assert round(count_parameters(peers) / 1e6, 3) == millions, name
+
+
+@pytest.mark.parametrize("name", sorted(PLAIN_PARAMS))
+@pytest.mark.parametrize("topology", TOPOLOGIES)
+def test_peer_network_shapes_and_counts(name, topology):
+    peers = PeerNetwork.from_backbone(name, num_peers=3, topology=topology, num_classes=10)
+    out = peers(torch.randn(2, 3, 32, 32))
+    c = FEATURE_DIM.get(name, 64)
+    assert out.logits.shape == (3, 2, 10) and out.features.shape == (3, 2, c)
+    assert out.num_peers == 3 and peers.feature_dim == c
+    single = PeerNetwork.from_backbone(name, num_peers=1, topology=topology, num_classes=10)
+    plain = count_parameters(create_backbone(name, num_classes=10))
+    assert count_parameters(single) == plain  # N = 1 is exactly the plain backbone
+    if topology == "independent":
+        assert count_parameters(peers) == 3 * plain
+    else:
+        trunk = count_parameters(peers.trunk)
+        assert trunk > 0 and count_parameters(peers) == 3 * plain - 2 * trunk
+
+
+@pytest.mark.parametrize("topology", TOPOLOGIES)
+def test_exported_peer_is_the_plain_backbone_with_the_same_outputs(topology):
+    peers = PeerNetwork.from_backbone("resnet20", num_peers=3, topology=topology, num_classes=10).eval()
+    x = torch.randn(4, 3, 32, 32)
+    out = peers(x)
+    for i in range(3):
+        deployed = peers.export_peer(i).eval()
+        assert isinstance(deployed, StagedBackbone)
+        assert count_parameters(deployed) == PLAIN_PARAMS_10["resnet20"]
+        torch.testing.assert_close(deployed(x), out.logits[i])
+        # and its state dict is that of the registry's backbone
+        create_backbone("resnet20", num_classes=10).load_state_dict(deployed.state_dict())
+
+
+PLAIN_PARAMS_10 = {"resnet20": count_parameters(create_backbone("resnet20", num_classes=10))}
+
+
+def test_branch_point_override_moves_the_split():
+    default = PeerNetwork.from_backbone("resnet20", num_peers=2)
+    deeper = PeerNetwork.from_backbone("resnet20", num_peers=2, branch_point=3)
+    assert len(default.trunk) == 2 and len(deeper.trunk) == 3
+    assert count_parameters(deeper) < count_parameters(default)
+    with pytest.raises(ConfigError, match="branch_point"):
+        PeerNetwork.from_backbone("resnet20", num_peers=2, branch_point=9)
+
+
+def test_bad_names_give_clear_errors():
+    with pytest.raises(ConfigError, match="resnet32"):  # the message lists the valid names
+        create_backbone("resnet33")
+    with pytest.raises(ConfigError, match="shared_trunk"):
+        PeerNetwork.from_backbone("resnet20", topology="star")
+    with pytest.raises(ConfigError, match="peers"):
+        PeerNetwork.from_backbone("resnet20", num_peers=0)
+
+
+def test_from_modules_adapter_with_torchvision_networks():
+    from torchvision.models import resnet18
+
+    nets = [resnet18(num_classes=7) for _ in range(2)]
+    peers = PeerNetwork.from_modules(nets, classifier="fc")
+    out = peers(torch.randn(2, 3, 64, 64))
+    assert out.logits.shape == (2, 2, 7) and out.features.shape == (2, 2, 512)
+    peers.eval()
+    x = torch.randn(2, 3, 64, 64)
+    deployed = peers.export_peer(1).eval()
+    torch.testing.assert_close(deployed(x), peers(x).logits[1])
+    assert isinstance(deployed.fc, nn.Linear)
+    with pytest.raises(ConfigError, match="head"):
+        PeerNetwork.from_modules(nets, classifier="head")
+
+
+def test_registering_a_new_backbone_needs_no_other_change(monkeypatch):
+    from mcl_lightning.models import registry
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))  # leave the real one untouched
+
+    @register_backbone("tiny_test_net")
+    def tiny(num_classes: int = 100) -> StagedBackbone:
+        stages = [nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)]
+        pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
+        return StagedBackbone(stages, pool, nn.Linear(8, num_classes), 8, branch_point=1)
+
+    peers = PeerNetwork.from_backbone("tiny_test_net", num_peers=2, num_classes=5)
+    assert peers(torch.randn(1, 3, 8, 8)).logits.shape == (2, 1, 5)

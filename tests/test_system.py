@@ -1,0 +1,100 @@
+"""The LightningModule on real data: reproducibility, checkpoint/resume, schedule."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+
+from mcl_lightning import CIFARDataModule, MCLOKD, OKDSystem, PeerNetwork
+from mcl_lightning.errors import ConfigError
+
+
+class RecordLosses(L.Callback):
+    def __init__(self) -> None:
+        self.losses: list[torch.Tensor] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses.append(outputs["loss"].detach().clone())
+
+
+def build(data_root, seed=0, nce_k=64, peers=3):
+    L.seed_everything(seed, workers=True)
+    datamodule = CIFARDataModule(root=data_root, batch_size=32, eval_batch_size=128)
+    net = PeerNetwork.from_backbone("resnet20", num_peers=peers, num_classes=100)
+    method = MCLOKD(num_peers=peers, feature_dim=net.feature_dim, nce_k=nce_k)
+    return datamodule, OKDSystem(net, method, num_classes=100)
+
+
+def trainer(tmp_path, steps=4, epochs=1, **kwargs) -> L.Trainer:
+    return L.Trainer(
+        accelerator="cpu", devices=1, max_epochs=epochs, limit_train_batches=steps, limit_val_batches=1,
+        num_sanity_val_steps=0, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        default_root_dir=tmp_path, **kwargs,
+    )
+
+
+def test_same_seed_gives_identical_losses(tmp_path, data_root):
+    runs = []
+    for _ in range(2):
+        datamodule, system = build(data_root)
+        recorder = RecordLosses()
+        trainer(tmp_path, callbacks=[recorder], enable_checkpointing=False).fit(system, datamodule=datamodule)
+        runs.append(torch.stack(recorder.losses))
+    assert len(runs[0]) == 4
+    assert torch.equal(runs[0], runs[1])
+
+
+def test_checkpoint_then_resume_restores_banks_and_heads_bit_for_bit(tmp_path, data_root):
+    datamodule, system = build(data_root)
+    first = trainer(tmp_path, steps=3)
+    first.fit(system, datamodule=datamodule)
+    path = tmp_path / "state.ckpt"
+    first.save_checkpoint(path)
+    saved = {k: v.clone() for k, v in system.method.state_dict().items()}
+    assert saved["memory_bank.memory"].shape == (3, 50_000, 128)
+
+    # 1) load_from_checkpoint into freshly built (differently seeded) modules
+    _, fresh = build(data_root, seed=1)
+    assert not torch.equal(fresh.method.heads[0].linear.weight, saved["heads.0.linear.weight"])
+    restored = OKDSystem.load_from_checkpoint(path, peers=fresh.peers, method=fresh.method)
+    for key, value in restored.method.state_dict().items():
+        assert torch.equal(value, saved[key]), key
+
+    # 2) resuming a fit (Trainer(ckpt_path=...)) restores them too, after setup re-initialised the banks
+    datamodule, again = build(data_root, seed=2)
+    resumed = trainer(tmp_path, steps=3)
+    resumed.fit(again, datamodule=datamodule, ckpt_path=path)  # epoch 1 of 1 already done: restore only
+    for key, value in again.method.state_dict().items():
+        assert torch.equal(value, saved[key]), key
+    assert resumed.current_epoch == 1 and len(again.val_history) == len(system.val_history) == 1
+
+
+def test_banks_change_only_during_training(tmp_path, data_root):
+    datamodule, system = build(data_root)
+    trainer(tmp_path, steps=2, enable_checkpointing=False).fit(system, datamodule=datamodule)
+    before = system.method.memory_bank.memory.clone()
+    trainer(tmp_path, enable_checkpointing=False).validate(system, datamodule=datamodule)
+    assert torch.equal(before, system.method.memory_bank.memory)
+
+
+def test_cosine_schedule_is_the_reference_per_epoch_formula(tmp_path, data_root):
+    datamodule, system = build(data_root)
+    lrs = []
+
+    class RecordLR(L.Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    trainer(tmp_path, steps=1, epochs=3, callbacks=[RecordLR()], enable_checkpointing=False).fit(
+        system, datamodule=datamodule
+    )
+    import math
+
+    assert lrs == pytest.approx([0.5 * 0.05 * (1 + math.cos(math.pi * e / 3)) for e in range(3)])
+
+
+def test_method_and_network_must_agree_on_peers():
+    net = PeerNetwork.from_backbone("resnet20", num_peers=2)
+    with pytest.raises(ConfigError, match="peers"):
+        OKDSystem(net, MCLOKD(3, net.feature_dim), num_classes=100)
