@@ -1,0 +1,23 @@
+"""Data: CIFAR-10/100 datamodule and batched on-device augmentation."""
+
+from mcl_lightning.data.augment import (
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    CIFAR100_MEAN,
+    CIFAR100_STD,
+    normalize,
+    random_crop_flip,
+)
+from mcl_lightning.data.cifar import CIFARDataModule, InMemoryDataset, stratified_split
+
+__all__ = [
+    "CIFAR10_MEAN",
+    "CIFAR10_STD",
+    "CIFAR100_MEAN",
+    "CIFAR100_STD",
+    "CIFARDataModule",
+    "InMemoryDataset",
+    "normalize",
+    "random_crop_flip",
+    "stratified_split",
+]
