@@ -78,6 +78,23 @@ def test_every_trainer_option_composes(trainer):
         assert instantiate(cfg.trainer, logger=False, enable_checkpointing=False) is not None
 
 
+@pytest.mark.parametrize("experiment", options("experiment"))
+def test_every_experiment_composes_and_builds(experiment):
+    cfg = _compose([f"experiment={experiment}"])
+    peers = instantiate(cfg.model)
+    method = instantiate(cfg.method)(num_peers=peers.num_peers, feature_dim=peers.feature_dim)
+    assert peers.num_peers == cfg.peers == 4 and cfg.reference.source
+    assert cfg.trainer.max_epochs == 300 and cfg.data.batch_size == 64
+    assert method.name in experiment
+
+
+def test_paper_experiments_use_the_papers_networks_and_k():
+    r110 = _compose(["experiment=mcl_okd_cifar100_resnet110"])
+    assert r110.backbone.name == "resnet110_bottleneck" and r110.method.nce_k == 256
+    r32 = _compose(["experiment=mcl_okd_cifar100_resnet32"])
+    assert r32.backbone.name == "resnet32" and r32.method.nce_k == 256 and r32.optim.lr == 0.05
+
+
 def test_overrides_change_what_their_names_say():
     cfg = _compose(["peers=3", "backbone=wrn_16_2", "topology=independent", "method.beta=0.5", "method.nce_k=32",
                     "method.tau=0.2", "optim.lr=0.1", "seed=5"])

@@ -73,6 +73,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "best": summary["best"],
         "best_epoch": summary["best_epoch"],
         "test": nest_metrics(system.test_results),
+        "reference": OmegaConf.to_container(cfg.reference, resolve=True) if cfg.get("reference") else None,
         "checkpoints": {"last": checkpoint.last_model_path or None, "best": checkpoint.best_model_path or None},
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
