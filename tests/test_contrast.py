@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
 import torch
 
 from mcl_lightning.contrast import MemoryBank, NegativeSampler, multi_view_nce
+from mcl_lightning.data import CIFAR100_MEAN, CIFAR100_STD, normalize, random_crop_flip
 from mcl_lightning.errors import ConfigError
 from mcl_lightning.methods import MCLOKD
 from mcl_lightning.models import PeerNetwork, PeerOutput
@@ -200,6 +202,8 @@ def test_contrastive_loss_under_bf16_autocast_matches_float32():
         assert bf16[name].dtype == torch.float32
     rel = abs(bf16["contrastive"] - fp32["contrastive"]) / fp32["contrastive"]
     assert rel < 1e-2
+    total32, total16 = sum(fp32.values()), sum(bf16.values())
+    assert torch.isfinite(total16) and abs(total16 - total32) / total32 < 1e-2
 
 
 def test_online_teacher_kd_targets_last_or_all_peers():
@@ -220,3 +224,42 @@ def test_online_teacher_kd_targets_last_or_all_peers():
         MCLOKD(3, 8, online_teacher_targets="first")
     with pytest.raises(ConfigError, match="peers >= 2"):
         MCLOKD(1, 8)
+
+
+def test_training_path_never_reads_values_back_to_the_host():
+    """On the meta device every data-dependent shape or .item() raises: the step has no host sync.
+
+    (On a GPU that is what keeps the step free of synchronisations; CPU tests cannot see syncs.)
+    """
+    labels_all = _cifar_like_labels()
+    peers = PeerNetwork.from_backbone("resnet20", num_peers=3, num_classes=10)
+    for positive, replacement in (("exact", False), ("relax", True)):
+        method = MCLOKD(3, peers.feature_dim, nce_k=32, positive=positive, negatives_with_replacement=replacement)
+        method.setup_data(labels_all)  # at setup time, before training: reading labels is fine there
+        meta_peers, meta_method = copy.deepcopy(peers).to("meta"), method.to("meta")
+        images = torch.empty(8, 3, 32, 32, dtype=torch.uint8, device="meta")
+        images = normalize(random_crop_flip(images), CIFAR100_MEAN, CIFAR100_STD)
+        labels = torch.empty(8, dtype=torch.long, device="meta")
+        indices = torch.empty(8, dtype=torch.long, device="meta")
+        losses = meta_method(meta_peers(images), labels, indices)
+        torch.stack(list(losses.values())).sum().backward()
+        assert all(v.device.type == "meta" for v in losses.values())
+
+
+def test_ddp_duplicates_write_one_deterministic_row(monkeypatch):
+    """DistributedSampler padding repeats samples across ranks: all copies take the first one's row."""
+    from mcl_lightning.contrast import memory_bank as mb
+
+    def fake_two_rank_gather(tensor):  # rank 1 saw the same indices with other embeddings
+        other = tensor if tensor.dtype == torch.long else tensor + 1.0
+        return torch.cat([tensor, other], dim=0 if tensor.dim() == 1 else 1)
+
+    monkeypatch.setattr(mb, "_all_gather_cat", fake_two_rank_gather)
+    torch.manual_seed(0)
+    bank = MemoryBank(num_peers=2, num_samples=10, dim=4, momentum=0.5)
+    old = bank.memory.clone()
+    idx = torch.tensor([1, 3])
+    z = torch.nn.functional.normalize(torch.randn(2, 2, 4), dim=-1)
+    bank.update(idx, z)
+    expected = 0.5 * old[:, idx] + 0.5 * z  # the first occurrence (this rank's), not rank 1's
+    torch.testing.assert_close(bank.memory[:, idx], expected / expected.norm(dim=-1, keepdim=True))

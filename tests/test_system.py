@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import lightning as L
 import pytest
 import torch
@@ -89,8 +91,6 @@ def test_cosine_schedule_is_the_reference_per_epoch_formula(tmp_path, data_root)
     trainer(tmp_path, steps=1, epochs=3, callbacks=[RecordLR()], enable_checkpointing=False).fit(
         system, datamodule=datamodule
     )
-    import math
-
     assert lrs == pytest.approx([0.5 * 0.05 * (1 + math.cos(math.pi * e / 3)) for e in range(3)])
 
 
@@ -98,3 +98,45 @@ def test_method_and_network_must_agree_on_peers():
     net = PeerNetwork.from_backbone("resnet20", num_peers=2)
     with pytest.raises(ConfigError, match="peers"):
         OKDSystem(net, MCLOKD(3, net.feature_dim), num_classes=100)
+
+
+def test_resumed_run_continues_exactly_like_an_uninterrupted_one(tmp_path, data_root):
+    """Banks, heads, optimiser, schedule and the RNGs (negatives, crops, shuffling) all restored."""
+    datamodule, system = build(data_root)
+    straight = RecordLosses()
+    trainer(tmp_path / "a", steps=3, epochs=2, callbacks=[straight], enable_checkpointing=False).fit(
+        system, datamodule=datamodule
+    )
+
+    class Interrupt(L.Callback):  # the same 2-epoch run, stopped after its first epoch
+        def on_train_epoch_end(self, trainer, pl_module):
+            trainer.should_stop = True
+
+    datamodule, first = build(data_root)
+    part = trainer(tmp_path / "b", steps=3, epochs=2, callbacks=[Interrupt()], enable_checkpointing=False)
+    part.fit(first, datamodule=datamodule)
+    assert part.current_epoch == 1
+    part.save_checkpoint(tmp_path / "epoch0.ckpt")
+
+    datamodule, resumed = build(data_root, seed=3)  # different init: everything must come from the file
+    continued = RecordLosses()
+    trainer(tmp_path / "c", steps=3, epochs=2, callbacks=[continued], enable_checkpointing=False).fit(
+        resumed, datamodule=datamodule, ckpt_path=tmp_path / "epoch0.ckpt"
+    )
+    assert len(straight.losses) == 6 and len(continued.losses) == 3
+    assert torch.equal(torch.stack(straight.losses[3:]), torch.stack(continued.losses))
+    for key, value in system.method.state_dict().items():
+        assert torch.equal(value, resumed.method.state_dict()[key]), key
+
+
+def test_optimizer_is_the_reference_sgd_over_peers_and_heads(data_root):
+    _, system = build(data_root)
+    system.hparams.scheduler = "constant"  # the cosine schedule needs a trainer for max_epochs
+    optimizer = system.configure_optimizers()["optimizer"]
+    assert isinstance(optimizer, torch.optim.SGD)
+    (group,) = optimizer.param_groups
+    assert (group["lr"], group["momentum"], group["weight_decay"], group["nesterov"]) == (0.05, 0.9, 5e-4, True)
+    params = {id(p) for p in group["params"]}
+    assert {id(p) for p in system.peers.parameters()} <= params
+    assert {id(p) for p in system.method.heads.parameters()} <= params
+    assert len(params) == len(list(system.parameters()))

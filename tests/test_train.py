@@ -83,9 +83,17 @@ def test_every_experiment_composes_and_builds(experiment):
     cfg = _compose([f"experiment={experiment}"])
     peers = instantiate(cfg.model)
     method = instantiate(cfg.method)(num_peers=peers.num_peers, feature_dim=peers.feature_dim)
-    assert peers.num_peers == cfg.peers == 4 and cfg.reference.source
-    assert cfg.trainer.max_epochs == 300 and cfg.data.batch_size == 64
-    assert method.name in experiment
+    assert peers.num_peers == cfg.peers and cfg.reference.source and cfg.reference.top1_error.peer
+    assert cfg.trainer.max_epochs == 300 and cfg.optim.scheduler == "cosine"
+    if experiment.startswith("mcl_okd"):
+        assert method.name == "mcl_okd" and peers.num_peers == 4 and cfg.data.batch_size == 64
+
+
+def test_baseline_experiment_is_one_plain_network():
+    cfg = _compose(["experiment=baseline_cifar100_resnet32"])
+    peers = instantiate(cfg.model)
+    assert peers.num_peers == 1 and count_parameters(peers) == 472_756
+    assert cfg.method._target_.endswith("Independent") and cfg.data.batch_size == 128 and cfg.optim.lr == 0.1
 
 
 def test_paper_experiments_use_the_papers_networks_and_k():
@@ -162,3 +170,52 @@ def test_bad_config_values_are_one_clear_message(tmp_path, data_root):
     assert proc.returncode == 2 and "peers >= 2" in proc.stderr and "Traceback" not in proc.stderr
     proc = run_train("method.nce_k=60000", "backbone=resnet20", f"data.root={data_root}", f"hydra.run.dir={tmp_path}")
     assert proc.returncode == 2 and "nce_k=60000" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_resume_through_the_entry_point_keeps_one_checkpoint_history(tmp_path, data_root):
+    common = ["peers=2", "backbone=resnet20", "method.nce_k=32", f"data.root={data_root}", *TINY]
+    first = tmp_path / "first"
+    assert run_train(*common, f"hydra.run.dir={first}").returncode == 0
+    second = tmp_path / "second"
+    proc = run_train(*common, "trainer.max_epochs=2", f"ckpt_path={first}/checkpoints/last.ckpt",
+                     f"hydra.run.dir={second}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((second / "results.json").read_text())
+    assert results["epochs_run"] == 2 and results["best_epoch"] in (0, 1)
+    # checkpoints continue in the original folder, where ModelCheckpoint restores its best score
+    assert Path(results["checkpoints"]["last"]).parent == first / "checkpoints"
+    best = torch.load(results["checkpoints"]["best"], map_location="cpu", weights_only=True)
+    assert [entry["epoch"] for entry in best["val_history"]][-1] == results["best_epoch"]
+    proc = run_train(*common, f"ckpt_path={tmp_path}/nope.ckpt", f"hydra.run.dir={tmp_path / 'x'}")
+    assert proc.returncode == 2 and "nope.ckpt does not exist" in proc.stderr
+
+
+def test_results_best_is_one_coherent_epoch():
+    from mcl_lightning.results import summarise
+
+    history = [
+        {"epoch": 0, "best_peer/top1": 0.5, "peer0/top1": 0.5, "ensemble/top1": 0.7},
+        {"epoch": 1, "best_peer/top1": 0.6, "peer0/top1": 0.6, "ensemble/top1": 0.65},
+        {"epoch": 2, "best_peer/top1": 0.55, "peer0/top1": 0.55, "ensemble/top1": 0.66},
+    ]
+    summary = summarise(history)
+    assert summary["best_epoch"] == 1
+    assert summary["best"]["ensemble"]["top1"] == 0.65  # the best epoch's row, not the max over epochs
+    assert summary["max_over_epochs"]["ensemble"]["top1"] == 0.7
+    assert summary["final"]["peer0"]["top1"] == 0.55
+
+
+@pytest.mark.slow
+def test_issue_acceptance_command_at_the_reference_k(tmp_path, data_root):
+    """The MCL-OKD issue's acceptance command verbatim (K = 16384): about 7 minutes on 2 CPU cores."""
+    run_dir = tmp_path / "run"
+    proc = run_train("peers=4", "backbone=resnet32", f"data.root={data_root}", "trainer.max_epochs=2",
+                     "trainer.limit_train_batches=30", "trainer.limit_val_batches=5", f"hydra.run.dir={run_dir}",
+                     "trainer.enable_progress_bar=false")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["method"] == "mcl_okd" and results["peers"] == 4
+    assert results["config"]["method"]["nce_k"] == 16384
+    rows = list(csv.DictReader((run_dir / "csv" / "metrics.csv").open()))
+    for term in ("ce", "online_teacher_kd", "contrastive"):
+        assert {int(r["epoch"]) for r in rows if r.get(f"train/loss/{term}")} == {0, 1}

@@ -7,9 +7,11 @@ One training step, one way: batch -> peers(images) -> PeerOutput -> method(...) 
 from __future__ import annotations
 
 import math
+import random
 from typing import Any, Sequence
 
 import lightning as L
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -53,6 +55,7 @@ class OKDSystem(L.LightningModule):
             raise ConfigError(f"unknown scheduler {scheduler!r}; choose one of: {', '.join(SCHEDULERS)}")
         if method.num_peers != peers.num_peers:
             raise ConfigError(f"the method was built for {method.num_peers} peers, the network has {peers.num_peers}")
+        milestones = [int(m) for m in milestones]  # plain list: checkpoints load with weights_only=True
         self.save_hyperparameters(ignore=["peers", "method"])
         self.peers = peers
         self.method = method
@@ -69,7 +72,7 @@ class OKDSystem(L.LightningModule):
             return
         labels = getattr(self.trainer.datamodule, "train_labels", None) if self.trainer.datamodule else None
         if labels is None:
-            if type(self.method).setup_data is not OKDMethod.setup_data:
+            if self.method.needs_train_labels:
                 raise ConfigError(
                     f"method {self.method.name!r} needs the training labels: pass a DataModule with a "
                     "`train_labels` tensor (dataset-index order) to trainer.fit"
@@ -84,8 +87,9 @@ class OKDSystem(L.LightningModule):
         losses = self.method(output, labels, indices)
         loss = torch.stack(list(losses.values())).sum()
         batch_size = labels.shape[0]
-        # Epoch-level logging accumulates on the device: no host sync inside the step.
-        log = dict(on_step=False, on_epoch=True, batch_size=batch_size)
+        # Epoch-level logging accumulates on the device: no host sync inside the step. Under DDP the
+        # epoch means are reduced across ranks once, at the end of the epoch.
+        log = dict(on_step=False, on_epoch=True, batch_size=batch_size, sync_dist=True)
         for name, value in losses.items():
             self.log(f"train/loss/{name}", value, **log)
         self.log("train/loss", loss, prog_bar=True, **log)
@@ -102,7 +106,8 @@ class OKDSystem(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         values = self.val_metrics.compute()
         self.val_metrics.reset()
-        self.log_dict({f"val/{k}": v for k, v in values.items()}, prog_bar=False)
+        # torchmetrics already reduced over ranks; sync_dist only averages identical values
+        self.log_dict({f"val/{k}": v for k, v in values.items()}, sync_dist=True)
         if not self.trainer.sanity_checking:
             entry = {k: float(v) for k, v in values.items()}
             entry["epoch"] = self.current_epoch
@@ -115,7 +120,7 @@ class OKDSystem(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         values = self.test_metrics.compute()
         self.test_metrics.reset()
-        self.log_dict({f"test/{k}": v for k, v in values.items()})
+        self.log_dict({f"test/{k}": v for k, v in values.items()}, sync_dist=True)
         self.test_results = {k: float(v) for k, v in values.items()}
 
     # -- optimisation -----------------------------------------------------------------------
@@ -140,6 +145,31 @@ class OKDSystem(L.LightningModule):
     # -- checkpoints ------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["val_history"] = self.val_history
+        # Negatives and augmentation draw from the global RNGs; saving them makes a resumed
+        # single-device run continue exactly as an uninterrupted one (Lightning does not).
+        checkpoint["rng_states"] = rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.val_history = list(checkpoint.get("val_history", []))
+        if "rng_states" in checkpoint:
+            set_rng_states(checkpoint["rng_states"])
+
+
+def rng_states() -> dict[str, Any]:
+    """The states of the torch (CPU and CUDA), NumPy and Python RNGs."""
+    # Tensors and plain Python values only, so checkpoints still load with torch.load(weights_only=True).
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = [name, torch.from_numpy(keys.copy()), int(pos), int(has_gauss), float(cached)]
+    states = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    name, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((name, keys.numpy(), pos, has_gauss, cached))
+    random.setstate(states["python"])
+    if "cuda" in states and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(states["cuda"])

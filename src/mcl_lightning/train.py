@@ -19,7 +19,9 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
-from mcl_lightning.errors import UserError
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+from mcl_lightning.errors import ConfigError, UserError
 from mcl_lightning.results import format_table, nest_metrics, summarise, write_results
 from mcl_lightning.system import MONITOR, OKDSystem
 
@@ -31,9 +33,12 @@ def build(cfg: DictConfig, run_dir: Path) -> tuple[L.LightningDataModule, OKDSys
     datamodule = instantiate(cfg.data)
     peers = instantiate(cfg.model)
     method = instantiate(cfg.method)(num_peers=peers.num_peers, feature_dim=peers.feature_dim)
-    system = OKDSystem(peers, method, num_classes=datamodule.num_classes, **cfg.optim)
+    system = OKDSystem(peers, method, num_classes=datamodule.num_classes, **OmegaConf.to_container(cfg.optim, resolve=True))
+    # A resumed run keeps writing to the checkpoint's own folder: ModelCheckpoint restores its best
+    # score only there, and "best" stays the best of the whole run.
+    checkpoint_dir = Path(cfg.ckpt_path).resolve().parent if cfg.ckpt_path else run_dir / "checkpoints"
     checkpoint = ModelCheckpoint(
-        dirpath=run_dir / "checkpoints",
+        dirpath=checkpoint_dir,
         filename="best-epoch{epoch:03d}",
         auto_insert_metric_name=False,
         monitor=MONITOR,
@@ -52,6 +57,8 @@ def build(cfg: DictConfig, run_dir: Path) -> tuple[L.LightningDataModule, OKDSys
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train and test once; returns (and writes to the run directory) the results dict."""
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    if cfg.ckpt_path and not Path(cfg.ckpt_path).is_file():
+        raise ConfigError(f"ckpt_path={cfg.ckpt_path} does not exist; pass a checkpoint such as <run dir>/checkpoints/last.ckpt")
     L.seed_everything(cfg.seed, workers=True)
     datamodule, system, trainer, checkpoint = build(cfg, run_dir)
     trainer.fit(system, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
@@ -72,6 +79,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "final": summary["final"],
         "best": summary["best"],
         "best_epoch": summary["best_epoch"],
+        "max_over_epochs": summary["max_over_epochs"],
         "test": nest_metrics(system.test_results),
         "reference": OmegaConf.to_container(cfg.reference, resolve=True) if cfg.get("reference") else None,
         "checkpoints": {"last": checkpoint.last_model_path or None, "best": checkpoint.best_model_path or None},
@@ -84,12 +92,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return results
 
 
-def _user_error(error: BaseException) -> UserError | None:
-    """The UserError behind ``error`` (Hydra wraps errors raised while instantiating)."""
+def _user_error(error: BaseException) -> Exception | None:
+    """The user's mistake behind ``error`` (Hydra wraps errors raised while instantiating)."""
     seen = set()
     while error is not None and id(error) not in seen:
         if isinstance(error, UserError):
             return error
+        if isinstance(error, MisconfigurationException):  # Lightning rejecting trainer settings
+            return ConfigError(f"{error} (check the trainer= settings; without a GPU use trainer=cpu)")
         seen.add(id(error))
         error = error.__cause__ or error.__context__
     return None

@@ -49,7 +49,17 @@ class MemoryBank(nn.Module):
         Under DDP the (indices, embeddings) of all ranks are gathered first, so every rank keeps the
         same banks (with ``broadcast_buffers=False`` nothing else synchronises them).
         """
-        indices, embeddings = _all_gather_cat(indices), _all_gather_cat(embeddings.float())
+        gathered = _all_gather_cat(indices)
+        embeddings = _all_gather_cat(embeddings.float())
+        if gathered is not indices:
+            # DistributedSampler pads the last batches with repeated samples. index_copy_ with
+            # duplicate indices keeps an arbitrary copy (nondeterministic on CUDA), so ranks could
+            # drift apart: every duplicate takes the first occurrence's embedding instead.
+            indices = gathered
+            position = torch.arange(len(indices), device=indices.device)
+            first = torch.full((self.num_samples,), len(indices), dtype=torch.long, device=indices.device)
+            first.scatter_reduce_(0, indices, position, reduce="amin")
+            embeddings = embeddings[:, first[indices]]
         rows = self.memory[:, indices].mul_(self.momentum).add_(embeddings, alpha=1.0 - self.momentum)
         rows = rows / rows.pow(2).sum(-1, keepdim=True).sqrt()
         self.memory.index_copy_(1, indices, rows)

@@ -2,25 +2,37 @@
 
 from __future__ import annotations
 
+import contextlib
+from typing import ContextManager
+
 import torch
 from torch import Tensor
 
 
+def float32_region(device: torch.device) -> ContextManager:
+    """Switch autocast off on ``device``: exp(s / tau) reaches e^10 at tau = 0.1 and overflows fp16."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def pairwise_scores(bank_rows: Tensor, embeddings: Tensor, tau: float) -> Tensor:
-    """``s[a, b, n, k] = exp(m_a[c_{n,k}] . z_{b,n} / tau)`` for every (a, b), a != b.
+    """``s[a, b, n, k] = exp(m_a[c_{n,k}] . z_{b,n} / tau)`` for every pair of peers (a, b).
 
     Args:
         bank_rows: (N, B, K + 1, D) rows of each peer's bank at the contrast indices (detached).
         embeddings: (N, B, D) the peers' current normalised embeddings.
 
     Returns:
-        (N * (N - 1), B, K + 1), the ordered pairs in row-major order of (a, b) without a == b.
-        One batched product over the N gathered banks replaces the reference's N(N - 1) gathers.
+        (N, N, B, K + 1). One batched product over the N gathered banks replaces the reference's
+        N(N - 1) gathers; the a == b terms are computed too (1/N extra arithmetic) and dropped by
+        :func:`multi_view_nce` with a mask, since selecting the off-diagonal pairs by boolean
+        indexing would synchronise the host with the device.
     """
-    num_peers = embeddings.shape[0]
-    logits = torch.einsum("abkd,cbd->acbk", bank_rows, embeddings)  # (a, b, n, k)
-    off_diagonal = ~torch.eye(num_peers, dtype=torch.bool, device=embeddings.device)
-    return torch.exp(logits[off_diagonal] / tau)
+    # (N_a, B, K+1, D) @ (B, D, N_b) -> (N_a, B, K+1, N_b): no copy of the gathered rows (an einsum
+    # over these operands materialises a second (N, B, K+1, D) tensor).
+    logits = torch.matmul(bank_rows, embeddings.permute(1, 2, 0)).permute(0, 3, 1, 2)
+    return torch.exp(logits / tau)
 
 
 def nce_loss(scores: Tensor, num_samples: int, eps: float = 1e-7) -> Tensor:
@@ -44,6 +56,9 @@ def nce_loss(scores: Tensor, num_samples: int, eps: float = 1e-7) -> Tensor:
 
 def multi_view_nce(bank_rows: Tensor, embeddings: Tensor, tau: float, num_samples: int, eps: float = 1e-7) -> Tensor:
     """The contrastive loss summed over all N(N - 1) ordered peer pairs, in float32."""
-    with torch.autocast(device_type=embeddings.device.type, enabled=False):
+    with float32_region(embeddings.device):
         scores = pairwise_scores(bank_rows.float(), embeddings.float(), tau)
-        return nce_loss(scores, num_samples, eps).sum()
+        losses = nce_loss(scores, num_samples, eps)  # (N, N)
+        num_peers = losses.shape[0]
+        off_diagonal = 1.0 - torch.eye(num_peers, dtype=losses.dtype, device=losses.device)
+        return (losses * off_diagonal).sum()

@@ -35,6 +35,7 @@ class NegativeSampler(nn.Module):
         if positive not in POSITIVE_MODES:
             raise ConfigError(f"unknown positive mode {positive!r}; choose one of: {', '.join(POSITIVE_MODES)}")
         self.k, self.positive, self.replacement = k, positive, replacement
+        self.largest_pool = 0
         # Training-set indices sorted by class, and where each class starts in that order. Derived
         # from the labels at every setup, so kept out of checkpoints (persistent=False).
         self.register_buffer("order", torch.empty(0, dtype=torch.long), persistent=False)
@@ -55,6 +56,7 @@ class NegativeSampler(nn.Module):
             )
         self.order = torch.argsort(labels, stable=True)
         self.class_start = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+        self.largest_pool = int(pool.max())  # a Python int: sampling never reads it off the device
 
     def forward(self, indices: Tensor, labels: Tensor) -> Tensor:
         if self.order.numel() == 0:
@@ -67,7 +69,7 @@ class NegativeSampler(nn.Module):
             pos = (torch.rand(batch, self.k, device=device) * pool[:, None]).long()
         else:
             # K distinct positions in [0, pool): the K smallest of uniform keys (a uniform K-subset).
-            keys = torch.rand(batch, int(pool.max()), device=device)
+            keys = torch.rand(batch, self.largest_pool, device=device)
             keys.masked_fill_(torch.arange(keys.shape[1], device=device) >= pool[:, None], 2.0)
             pos = keys.topk(self.k, dim=1, largest=False, sorted=False).indices
         # Position p in the pool skips the anchor's class block [start, start + count).

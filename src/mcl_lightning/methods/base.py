@@ -24,6 +24,7 @@ class OKDMethod(nn.Module):
     """Base class. ``num_peers`` and ``feature_dim`` come from the peer network."""
 
     name: str = "base"
+    needs_train_labels: bool = False  # True: setup_data must receive the training set's labels
 
     def __init__(self, num_peers: int, feature_dim: int) -> None:
         super().__init__()

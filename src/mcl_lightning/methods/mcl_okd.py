@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from mcl_lightning.contrast import MemoryBank, NegativeSampler, multi_view_nce
+from mcl_lightning.contrast import MemoryBank, NegativeSampler, float32_region, multi_view_nce
 from mcl_lightning.errors import ConfigError
 from mcl_lightning.methods.base import OKDMethod, register_method
 from mcl_lightning.methods.losses import cross_entropy_per_peer, distill_kl
@@ -62,7 +62,10 @@ class MCLOKD(OKDMethod):
     ) -> None:
         super().__init__(num_peers, feature_dim)
         if num_peers < 2:
-            raise ConfigError(f"mcl_okd contrasts pairs of peers and needs peers >= 2, got {num_peers}")
+            raise ConfigError(
+                f"mcl_okd contrasts pairs of peers and needs peers >= 2, got {num_peers}; "
+                "set peers=2 or more, or use method=independent for a single network"
+            )
         if online_teacher_targets not in TEACHER_TARGETS:
             raise ConfigError(
                 f"unknown online_teacher_targets {online_teacher_targets!r}; choose one of: {', '.join(TEACHER_TARGETS)}"
@@ -75,6 +78,8 @@ class MCLOKD(OKDMethod):
         self.heads = nn.ModuleList(ProjectionHead(feature_dim, feat_dim) for _ in range(num_peers))
         self.memory_bank = MemoryBank(num_peers, 0, feat_dim, momentum)
         self.negatives = NegativeSampler(nce_k, positive, negatives_with_replacement)
+
+    needs_train_labels = True  # class-aware negatives and one bank row per training sample
 
     def setup_data(self, train_labels: Tensor) -> None:
         self.negatives.bind(train_labels)
@@ -91,7 +96,7 @@ class MCLOKD(OKDMethod):
         """Sum over ordered peer pairs of the binary NCE; updates the banks afterwards."""
         if self.memory_bank.num_samples == 0:
             raise RuntimeError("MCLOKD.setup_data(train_labels) must be called before training")
-        with torch.autocast(device_type=features.device.type, enabled=False):
+        with float32_region(features.device):  # heads, scores and bank update all in float32
             z = torch.stack([head(f.float()) for head, f in zip(self.heads, features)])  # (N, B, D)
             contrast_idx = self.negatives(indices, labels)  # (B, K + 1)
             rows = self.memory_bank.gather(contrast_idx)  # (N, B, K + 1, D): one gather per bank
