@@ -100,28 +100,30 @@ class OKDSystem(L.LightningModule):
 
     # -- evaluation -------------------------------------------------------------------------
     def validation_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> None:
-        images, labels, _ = batch
-        self.val_metrics.update(self.peers(images).logits, labels)
+        self._update_metrics(self.val_metrics, batch)
 
     def on_validation_epoch_end(self) -> None:
-        values = self.val_metrics.compute()
-        self.val_metrics.reset()
-        # torchmetrics already reduced over ranks; sync_dist only averages identical values
-        self.log_dict({f"val/{k}": v for k, v in values.items()}, sync_dist=True)
+        values = self._log_metrics("val", self.val_metrics)
         if not self.trainer.sanity_checking:
-            entry = {k: float(v) for k, v in values.items()}
-            entry["epoch"] = self.current_epoch
-            self.val_history.append(entry)
+            self.val_history.append({**values, "epoch": self.current_epoch})
 
     def test_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> None:
-        images, labels, _ = batch
-        self.test_metrics.update(self.peers(images).logits, labels)
+        self._update_metrics(self.test_metrics, batch)
 
     def on_test_epoch_end(self) -> None:
-        values = self.test_metrics.compute()
-        self.test_metrics.reset()
-        self.log_dict({f"test/{k}": v for k, v in values.items()}, sync_dist=True)
-        self.test_results = {k: float(v) for k, v in values.items()}
+        self.test_results = self._log_metrics("test", self.test_metrics)
+
+    def _update_metrics(self, metrics: PeerMetrics, batch: tuple[Tensor, Tensor, Tensor]) -> None:
+        images, labels, _ = batch
+        metrics.update(self.peers(images).logits, labels)
+
+    def _log_metrics(self, stage: str, metrics: PeerMetrics) -> dict[str, float]:
+        """Compute, log (as ``<stage>/<name>``) and reset; returns the values as floats."""
+        values = metrics.compute()
+        metrics.reset()
+        # torchmetrics already reduced over ranks; sync_dist only averages identical values
+        self.log_dict({f"{stage}/{k}": v for k, v in values.items()}, sync_dist=True)
+        return {k: float(v) for k, v in values.items()}
 
     # -- optimisation -----------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
