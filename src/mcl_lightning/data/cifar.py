@@ -61,12 +61,18 @@ _CIFAR10_MD5S = {name: frozenset({md5}) for name, md5 in CIFAR10.train_list + CI
 _CIFAR10_MD5S[CIFAR10.meta["filename"]] = frozenset({CIFAR10.meta["md5"]})
 
 _SPECS = {
-    "cifar100": _Spec("CIFAR-100", "cifar-100-python", ("train",), ("test",), "meta",
-                      "fine_labels", "fine_label_names", 100, _CIFAR100_MD5S,
-                      CIFAR100.url, CIFAR100.filename, CIFAR100.tgz_md5, CIFAR100_MEAN, CIFAR100_STD),
-    "cifar10": _Spec("CIFAR-10", "cifar-10-batches-py", tuple(n for n, _ in CIFAR10.train_list),
-                     ("test_batch",), "batches.meta", "labels", "label_names", 10, _CIFAR10_MD5S,
-                     CIFAR10.url, CIFAR10.filename, CIFAR10.tgz_md5, CIFAR10_MEAN, CIFAR10_STD),
+    "cifar100": _Spec(
+        title="CIFAR-100", folder="cifar-100-python", train_files=("train",), test_files=("test",),
+        meta_file="meta", label_key="fine_labels", names_key="fine_label_names", num_classes=100,
+        md5s=_CIFAR100_MD5S, url=CIFAR100.url, archive=CIFAR100.filename, archive_md5=CIFAR100.tgz_md5,
+        mean=CIFAR100_MEAN, std=CIFAR100_STD,
+    ),
+    "cifar10": _Spec(
+        title="CIFAR-10", folder="cifar-10-batches-py", train_files=tuple(n for n, _ in CIFAR10.train_list),
+        test_files=("test_batch",), meta_file="batches.meta", label_key="labels", names_key="label_names",
+        num_classes=10, md5s=_CIFAR10_MD5S, url=CIFAR10.url, archive=CIFAR10.filename,
+        archive_md5=CIFAR10.tgz_md5, mean=CIFAR10_MEAN, std=CIFAR10_STD,
+    ),
 }
 
 
