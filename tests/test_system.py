@@ -140,3 +140,21 @@ def test_optimizer_is_the_reference_sgd_over_peers_and_heads(data_root):
     assert {id(p) for p in system.peers.parameters()} <= params
     assert {id(p) for p in system.method.heads.parameters()} <= params
     assert len(params) == len(list(system.parameters()))
+
+
+def test_export_a_deployable_peer_from_a_checkpoint(tmp_path, data_root):
+    from mcl_lightning import create_backbone
+    from mcl_lightning.export import export_peer, main
+
+    datamodule, system = build(data_root)
+    fit = trainer(tmp_path, steps=2, enable_checkpointing=False)
+    fit.fit(system, datamodule=datamodule)
+    fit.save_checkpoint(tmp_path / "run.ckpt")
+    deployed = export_peer(tmp_path / "run.ckpt", peer=2)
+    x = torch.randn(4, 3, 32, 32)
+    system.eval()
+    torch.testing.assert_close(deployed(x), system.peers(x).logits[2])
+    main([str(tmp_path / "run.ckpt"), "--out", str(tmp_path / "peer.pt")])  # the last peer
+    plain = create_backbone("resnet20", num_classes=100)
+    plain.load_state_dict(torch.load(tmp_path / "peer.pt", weights_only=True))
+    torch.testing.assert_close(plain.eval()(x), system.peers(x).logits[-1])

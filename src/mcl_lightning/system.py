@@ -147,6 +147,8 @@ class OKDSystem(L.LightningModule):
     # -- checkpoints ------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["val_history"] = self.val_history
+        # lets mcl_lightning.export rebuild the peers from the checkpoint alone
+        checkpoint["peers_spec"] = self.peers.build_spec
         # Negatives and augmentation draw from the global RNGs; saving them makes a resumed
         # single-device run continue exactly as an uninterrupted one (Lightning does not).
         checkpoint["rng_states"] = rng_states()

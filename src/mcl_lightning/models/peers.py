@@ -115,6 +115,21 @@ class PeerNetwork(nn.Module):
         peers._backbone_spec = {"name": backbone, "num_classes": num_classes, "branch_point": point}
         return peers
 
+    @property
+    def build_spec(self) -> dict | None:
+        """``from_backbone`` arguments that rebuild this network (None for ``from_modules``)."""
+        if self._backbone_spec is None:
+            return None
+        spec = self._backbone_spec
+        topology = "shared_trunk" if spec["branch_point"] > 0 else "independent"
+        return {
+            "backbone": spec["name"],
+            "num_peers": self.num_peers,
+            "topology": topology,
+            "num_classes": spec["num_classes"],
+            "branch_point": spec["branch_point"] if topology == "shared_trunk" else None,
+        }
+
     @classmethod
     def from_modules(cls, modules: Sequence[nn.Module], classifier: str = "fc") -> "PeerNetwork":
         """Adapter for your own networks (independent topology).
