@@ -263,3 +263,39 @@ def test_ddp_duplicates_write_one_deterministic_row(monkeypatch):
     bank.update(idx, z)
     expected = 0.5 * old[:, idx] + 0.5 * z  # the first occurrence (this rank's), not rank 1's
     torch.testing.assert_close(bank.memory[:, idx], expected / expected.norm(dim=-1, keepdim=True))
+
+
+def test_contrastive_loss_under_fp16_autocast_stays_float32_and_finite():
+    torch.manual_seed(0)
+    labels_all = _cifar_like_labels()
+    method = MCLOKD(3, 64, nce_k=64)
+    method.setup_data(labels_all)
+    features = torch.randn(3, 8, 64) * 5  # large logits: exp(s / tau) would overflow in fp16
+    indices = torch.arange(8)
+    bank = method.memory_bank.memory.clone()
+    with torch.no_grad():
+        torch.manual_seed(5)
+        fp32 = method.contrastive(features, labels_all[indices], indices)
+        method.memory_bank.memory.copy_(bank)
+        torch.manual_seed(5)
+        with torch.autocast("cpu", dtype=torch.float16):
+            fp16 = method.contrastive(features.half(), labels_all[indices], indices)
+    assert fp16.dtype == torch.float32 and torch.isfinite(fp16)
+    assert abs(fp16 - fp32) / fp32 < 1e-2
+
+
+def test_each_bank_is_gathered_once_per_step(monkeypatch):
+    labels_all = _cifar_like_labels()
+    method = MCLOKD(4, 16, nce_k=8)
+    method.setup_data(labels_all)
+    calls = []
+    original = MemoryBank.gather
+
+    def counting_gather(self, indices):
+        calls.append(indices.shape)
+        return original(self, indices)
+
+    monkeypatch.setattr(MemoryBank, "gather", counting_gather)
+    method.contrastive(torch.randn(4, 6, 16), labels_all[:6], torch.arange(6))
+    assert calls == [torch.Size([6, 9])]  # one indexing call returns all N = 4 banks' rows
+    assert original(method.memory_bank, torch.zeros(6, 9, dtype=torch.long)).shape == (4, 6, 9, 128)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import sysconfig
+import zipfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -19,10 +21,26 @@ def _run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
     return proc
 
 
+def _clean_copy(dest: Path) -> Path:
+    """The files a fresh clone would have (tracked, or untracked and not ignored): no stale build/."""
+    listed = _run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=REPO).stdout
+    for name in filter(None, listed.split("\0")):
+        source = REPO / name
+        if source.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, dest / name)
+    return dest
+
+
 def test_wheel_install_trains_from_outside_the_checkout(tmp_path, data_root):
+    source = _clean_copy(tmp_path / "source")
     _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-          str(tmp_path / "dist"), str(REPO)])
+          str(tmp_path / "dist"), str(source)])
     wheel = next((tmp_path / "dist").glob("mcl_lightning-*.whl"))
+    with zipfile.ZipFile(wheel) as archive:  # conf/ ships whole, as mcl_lightning/conf
+        shipped = {n.removeprefix("mcl_lightning/conf/") for n in archive.namelist()
+                   if n.startswith("mcl_lightning/conf/") and n.endswith(".yaml")}
+    assert shipped == {str(p.relative_to(REPO / "conf")) for p in (REPO / "conf").rglob("*.yaml")}
     venv = tmp_path / "venv"
     _run([sys.executable, "-m", "venv", str(venv)])
     python = venv / "bin" / "python"

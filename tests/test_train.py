@@ -13,6 +13,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from mcl_lightning.methods import OKDMethod
 from mcl_lightning.models import PeerNetwork, count_parameters
@@ -112,6 +113,47 @@ def test_overrides_change_what_their_names_say():
     assert count_parameters(peers) == 3 * count_parameters(peers.export_peer(0))  # independent
     assert (method.beta, method.negatives.k, method.tau) == (0.5, 32, 0.2)
     assert cfg.optim.lr == 0.1 and cfg.seed == 5
+
+
+def test_every_method_option_override_reaches_the_method():
+    cfg = _compose(["method.alpha=0.5", "method.gamma=2.0", "method.momentum=0.9", "method.positive=relax",
+                    "method.kd_temperature=4", "method.online_teacher_targets=all", "method.feat_dim=64",
+                    "method.negatives_with_replacement=true", "method.eps=1e-6"])
+    method = instantiate(cfg.method)(num_peers=4, feature_dim=64)
+    assert (method.alpha, method.gamma, method.kd_temperature, method.eps) == (0.5, 2.0, 4, 1e-6)
+    assert method.memory_bank.momentum == 0.9 and method.memory_bank.dim == 64
+    assert method.negatives.positive == "relax" and method.negatives.replacement is True
+    assert method.online_teacher_targets == "all" and method.heads[0].linear.out_features == 64
+
+
+@pytest.mark.parametrize("scheduler", ["multistep", "constant"])
+def test_scheduler_options_compose_into_the_system(scheduler):
+    from mcl_lightning.system import OKDSystem
+
+    cfg = _compose([f"optim.scheduler={scheduler}", "optim.lr=0.1", "peers=2", "backbone=resnet20"])
+    peers = instantiate(cfg.model)
+    method = instantiate(cfg.method)(num_peers=2, feature_dim=peers.feature_dim)
+    system = OKDSystem(peers, method, num_classes=100, **OmegaConf.to_container(cfg.optim, resolve=True))
+    config = system.configure_optimizers()
+    assert config["optimizer"].param_groups[0]["lr"] == 0.1
+    if scheduler == "multistep":
+        schedule = config["lr_scheduler"]["scheduler"]
+        assert isinstance(schedule, torch.optim.lr_scheduler.MultiStepLR)
+        assert sorted(schedule.milestones) == [150, 200, 250] and config["lr_scheduler"]["interval"] == "epoch"
+    else:
+        assert "lr_scheduler" not in config
+
+
+def test_same_seed_through_the_entry_point_gives_identical_losses(tmp_path, data_root):
+    columns = []
+    for name in ("a", "b"):
+        run_dir = tmp_path / name
+        proc = run_train("peers=2", "backbone=resnet20", "method.nce_k=32", "seed=3", f"data.root={data_root}",
+                         f"hydra.run.dir={run_dir}", *TINY)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        rows = list(csv.DictReader((run_dir / "csv" / "metrics.csv").open()))
+        columns.append([(r["train/loss"], r["train/loss/contrastive"]) for r in rows if r.get("train/loss")])
+    assert columns[0] and columns[0] == columns[1]
 
 
 def test_train_entry_point_independent_on_real_data(tmp_path, data_root):
