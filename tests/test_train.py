@@ -176,9 +176,11 @@ def test_train_entry_point_independent_on_real_data(tmp_path, data_root):
 
 def test_mcl_okd_run_logs_three_loss_terms_per_epoch(tmp_path, data_root):
     run_dir = tmp_path / "run"
+    with_progress_bar = [o for o in TINY if "progress_bar" not in o and "max_epochs" not in o]
     proc = run_train("peers=4", "backbone=resnet20", f"data.root={data_root}", "method.nce_k=256",
-                     f"hydra.run.dir={run_dir}", *TINY, "trainer.max_epochs=2")
+                     f"hydra.run.dir={run_dir}", *with_progress_bar, "trainer.max_epochs=2")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Epoch 1: 100%" in proc.stdout  # long work shows progress (TQDM bar)
     results = json.loads((run_dir / "results.json").read_text())
     assert results["method"] == "mcl_okd" and results["peers"] == 4 and results["epochs_run"] == 2
     rows = list(csv.DictReader((run_dir / "csv" / "metrics.csv").open()))
@@ -261,3 +263,16 @@ def test_issue_acceptance_command_at_the_reference_k(tmp_path, data_root):
     rows = list(csv.DictReader((run_dir / "csv" / "metrics.csv").open()))
     for term in ("ce", "online_teacher_kd", "contrastive"):
         assert {int(r["epoch"]) for r in rows if r.get(f"train/loss/{term}")} == {0, 1}
+
+
+@pytest.mark.slow
+def test_foundation_acceptance_command(tmp_path, data_root):
+    """The foundation issue's acceptance command verbatim (4 ResNet-56 peers, independent)."""
+    run_dir = tmp_path / "run"
+    proc = run_train("peers=4", "backbone=resnet56", "method=independent", f"data.root={data_root}",
+                     "trainer.max_epochs=1", "trainer.limit_train_batches=20", "trainer.limit_val_batches=5",
+                     f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["peers"] == 4 and {"peer3", "peer_mean", "ensemble"} <= set(results["final"])
+    assert Path(results["checkpoints"]["last"]).is_file()
