@@ -299,3 +299,15 @@ def test_each_bank_is_gathered_once_per_step(monkeypatch):
     method.contrastive(torch.randn(4, 6, 16), labels_all[:6], torch.arange(6))
     assert calls == [torch.Size([6, 9])]  # one indexing call returns all N = 4 banks' rows
     assert original(method.memory_bank, torch.zeros(6, 9, dtype=torch.long)).shape == (4, 6, 9, 128)
+
+
+def test_shape_mismatches_are_one_clear_message():
+    peers = PeerNetwork.from_backbone("resnet20", num_peers=2, num_classes=10)
+    method = MCLOKD(2, 128, nce_k=4)  # resnet20 gives 64-d features
+    method.setup_data(_cifar_like_labels())
+    out = peers(torch.randn(2, 3, 32, 32))
+    with pytest.raises(ValueError, match="feature_dim=peers.feature_dim"):
+        method(out, torch.tensor([0, 1]), torch.tensor([0, 1]))
+    unpooled = PeerNetwork([torch.nn.Conv2d(3, 4, 3)], [torch.nn.Linear(4, 10)], feature_dim=4)
+    with pytest.raises(ValueError, match="pooled"):
+        unpooled(torch.randn(1, 3, 8, 8))

@@ -53,8 +53,12 @@ class OKDSystem(L.LightningModule):
         super().__init__()
         if scheduler not in SCHEDULERS:
             raise ConfigError(f"unknown scheduler {scheduler!r}; choose one of: {', '.join(SCHEDULERS)}")
-        if method.num_peers != peers.num_peers:
-            raise ConfigError(f"the method was built for {method.num_peers} peers, the network has {peers.num_peers}")
+        if (method.num_peers, method.feature_dim) != (peers.num_peers, peers.feature_dim):
+            raise ConfigError(
+                f"the method was built for {method.num_peers} peers with {method.feature_dim}-d features, the "
+                f"network has {peers.num_peers} peers with {peers.feature_dim}-d features; build the method with "
+                "num_peers=peers.num_peers, feature_dim=peers.feature_dim"
+            )
         milestones = [int(m) for m in milestones]  # plain list: checkpoints load with weights_only=True
         self.save_hyperparameters(ignore=["peers", "method"])
         self.peers = peers

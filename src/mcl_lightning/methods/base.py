@@ -38,6 +38,15 @@ class OKDMethod(nn.Module):
     def forward(self, output: PeerOutput, labels: Tensor, indices: Tensor) -> dict[str, Tensor]:
         raise NotImplementedError
 
+    def check_output(self, output: PeerOutput) -> None:
+        """One clear message when the network does not match what this method was built for."""
+        if output.num_peers != self.num_peers or output.features.shape[-1] != self.feature_dim:
+            raise ValueError(
+                f"method {self.name!r} was built for {self.num_peers} peers with {self.feature_dim}-d "
+                f"features, but the network gave {output.num_peers} peers with {output.features.shape[-1]}-d "
+                "features; build it with num_peers=peers.num_peers, feature_dim=peers.feature_dim"
+            )
+
 
 _METHODS: dict[str, type[OKDMethod]] = {}
 

@@ -105,6 +105,7 @@ class MCLOKD(OKDMethod):
         return loss
 
     def forward(self, output: PeerOutput, labels: Tensor, indices: Tensor) -> dict[str, Tensor]:
+        self.check_output(output)
         return {
             "ce": self.gamma * cross_entropy_per_peer(output.logits, labels).sum(),
             "online_teacher_kd": self.alpha * self.online_teacher_kd(output.logits),

@@ -157,6 +157,12 @@ class PeerNetwork(nn.Module):
     def forward(self, x: Tensor) -> PeerOutput:
         shared = self.trunk(x)
         features = [branch(shared) for branch in self.branches]
+        for i, f in enumerate(features):  # shape metadata only: no host sync
+            if f.dim() != 2:
+                raise ValueError(
+                    f"peer {i}'s branch returned features of shape {tuple(f.shape)}; every branch must "
+                    "return pooled (batch, channels) features: end it with global pooling and flatten"
+                )
         logits = [head(f) for head, f in zip(self.classifiers, features)]
         return PeerOutput(torch.stack(logits), torch.stack(features))
 
