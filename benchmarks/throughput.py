@@ -50,9 +50,10 @@ def sync(device: torch.device) -> None:
 def build(args: argparse.Namespace, num_classes: int) -> tuple[PeerNetwork, OKDMethod]:
     """Fresh peers + method from the same seed, so both sides start from identical weights."""
     L.seed_everything(SEED, verbose=False)
-    peers = PeerNetwork.from_backbone(args.backbone, num_peers=args.peers, num_classes=num_classes)
+    peers = PeerNetwork.from_backbone(args.backbone, args.peers, "shared_trunk", num_classes)
     extra = {"nce_k": args.nce_k} if args.method == "mcl_okd" else {}
-    method = get_method(args.method)(num_peers=peers.num_peers, feature_dim=peers.feature_dim, **extra)
+    method = get_method(args.method)(**extra)
+    method.attach(peers.spec())  # what OKDSystem does; the plain loop needs it too
     return peers, method
 
 

@@ -27,3 +27,12 @@ def data_root() -> Path:
             pytest.fail(message)  # CI always has the data: a missing copy is a failure, not a skip
         pytest.skip(message)
     return root
+
+
+def attached(method, num_peers: int, width: int, num_classes: int = 100):
+    """``method`` attached to a described network of ``num_peers`` peers with ``width``-d features,
+    for unit tests that feed it synthetic tensors (OKDSystem does this from a real PeerNetwork)."""
+    from mcl_lightning.models import PeerSpec
+
+    method.attach(PeerSpec(num_peers, (width,) * num_peers, num_classes, "shared_trunk", trunk_channels=16))
+    return method

@@ -37,7 +37,7 @@ def main(data_root: str, out: str) -> None:
     L.seed_everything(0, workers=True)
     data = CIFARDataModule(root=data_root, batch_size=32, eval_batch_size=64)
     peers = PeerNetwork.from_backbone("resnet20", num_peers=2, num_classes=100)
-    system = OKDSystem(peers, MCLOKD(2, peers.feature_dim, nce_k=32), num_classes=100)
+    system = OKDSystem(peers, MCLOKD(nce_k=32), num_classes=100)
     trainer = L.Trainer(
         accelerator="cpu", devices=2, strategy=DDPStrategy(process_group_backend="gloo", broadcast_buffers=False),
         max_epochs=1, limit_train_batches=3, limit_val_batches=1, num_sanity_val_steps=0, logger=False,

@@ -13,6 +13,9 @@ from mcl_lightning.data import CIFAR100_MEAN, CIFAR100_STD, normalize, random_cr
 from mcl_lightning.errors import ConfigError
 from mcl_lightning.methods import MCLOKD
 from mcl_lightning.models import PeerNetwork, PeerOutput
+from mcl_lightning.system import OKDSystem
+
+from conftest import attached
 
 
 def reference_mcl_loss(bank, z, contrast_idx, tau, eps=1e-7):
@@ -66,7 +69,7 @@ def test_method_contrastive_term_scores_before_updating_the_banks(n_peers):
     torch.manual_seed(0)
     n_data, k, batch, c = 60, 7, 5, 12
     labels_all = torch.arange(n_data) % 6
-    method = MCLOKD(n_peers, c, feat_dim=16, nce_k=k)
+    method = attached(MCLOKD(projection_dim=16, nce_k=k), n_peers, c)
     method.setup_data(labels_all)
     bank_before = method.memory_bank.memory.clone()
     indices = torch.tensor([3, 17, 22, 41, 58])
@@ -175,14 +178,15 @@ def test_k_larger_than_the_negative_pool_is_a_clear_error():
         NegativeSampler(k=451).bind(labels_all)
     NegativeSampler(k=451, replacement=True).bind(labels_all)  # allowed with replacement
     with pytest.raises(ConfigError, match="nce_k"):
-        MCLOKD(2, 16, nce_k=1000).setup_data(labels_all)
+        attached(MCLOKD(nce_k=1000), 2, 16).setup_data(labels_all)
 
 
 def test_contrastive_loss_under_bf16_autocast_matches_float32():
     torch.manual_seed(0)
     labels_all = _cifar_like_labels()
     peers = PeerNetwork.from_backbone("resnet20", num_peers=3, num_classes=10)
-    method = MCLOKD(3, peers.feature_dim, nce_k=64)
+    method = MCLOKD(nce_k=64)
+    method.attach(peers.spec())
     method.setup_data(labels_all)
     x = torch.randn(8, 3, 32, 32)
     indices = torch.arange(8)
@@ -210,7 +214,7 @@ def test_online_teacher_kd_targets_last_or_all_peers():
     torch.manual_seed(0)
     logits = torch.randn(3, 4, 10, requires_grad=True)
     output = PeerOutput(logits, torch.randn(3, 4, 8))
-    last = MCLOKD(3, 8, nce_k=4, online_teacher_targets="last")
+    last = attached(MCLOKD(nce_k=4, online_teacher_targets="last"), 3, 8)
     kd = last.online_teacher_kd(output.logits)
     kd.backward()
     assert logits.grad[:2].abs().sum() == 0 and logits.grad[2].abs().sum() > 0  # teacher detached
@@ -218,12 +222,12 @@ def test_online_teacher_kd_targets_last_or_all_peers():
     p_t = torch.softmax(teacher / 3, -1)
     expected = 9 * (p_t * (p_t.log() - torch.log_softmax(logits[2].detach() / 3, -1))).sum(-1).mean()
     torch.testing.assert_close(kd.detach(), expected)
-    every = MCLOKD(3, 8, nce_k=4, online_teacher_targets="all").online_teacher_kd(logits.detach())
+    every = attached(MCLOKD(nce_k=4, online_teacher_targets="all"), 3, 8).online_teacher_kd(logits.detach())
     assert every > kd.detach()
     with pytest.raises(ConfigError, match="online_teacher_targets"):
-        MCLOKD(3, 8, online_teacher_targets="first")
+        MCLOKD(online_teacher_targets="first")
     with pytest.raises(ConfigError, match="peers >= 2"):
-        MCLOKD(1, 8)
+        attached(MCLOKD(), 1, 8)
 
 
 def test_training_path_never_reads_values_back_to_the_host():
@@ -234,7 +238,8 @@ def test_training_path_never_reads_values_back_to_the_host():
     labels_all = _cifar_like_labels()
     peers = PeerNetwork.from_backbone("resnet20", num_peers=3, num_classes=10)
     for positive, replacement in (("exact", False), ("relax", True)):
-        method = MCLOKD(3, peers.feature_dim, nce_k=32, positive=positive, negatives_with_replacement=replacement)
+        method = MCLOKD(nce_k=32, positive=positive, negatives_with_replacement=replacement)
+        method.attach(peers.spec())
         method.setup_data(labels_all)  # at setup time, before training: reading labels is fine there
         meta_peers, meta_method = copy.deepcopy(peers).to("meta"), method.to("meta")
         images = torch.empty(8, 3, 32, 32, dtype=torch.uint8, device="meta")
@@ -268,7 +273,7 @@ def test_ddp_duplicates_write_one_deterministic_row(monkeypatch):
 def test_contrastive_loss_under_fp16_autocast_stays_float32_and_finite():
     torch.manual_seed(0)
     labels_all = _cifar_like_labels()
-    method = MCLOKD(3, 64, nce_k=64)
+    method = attached(MCLOKD(nce_k=64), 3, 64)
     method.setup_data(labels_all)
     features = torch.randn(3, 8, 64) * 5  # large logits: exp(s / tau) would overflow in fp16
     indices = torch.arange(8)
@@ -286,7 +291,7 @@ def test_contrastive_loss_under_fp16_autocast_stays_float32_and_finite():
 
 def test_each_bank_is_gathered_once_per_step(monkeypatch):
     labels_all = _cifar_like_labels()
-    method = MCLOKD(4, 16, nce_k=8)
+    method = attached(MCLOKD(nce_k=8), 4, 16)
     method.setup_data(labels_all)
     calls = []
     original = MemoryBank.gather
@@ -302,12 +307,11 @@ def test_each_bank_is_gathered_once_per_step(monkeypatch):
 
 
 def test_shape_mismatches_are_one_clear_message():
+    """A method attached to one network cannot be handed another: one check, one ConfigError."""
     peers = PeerNetwork.from_backbone("resnet20", num_peers=2, num_classes=10)
-    method = MCLOKD(2, 128, nce_k=4)  # resnet20 gives 64-d features
-    method.setup_data(_cifar_like_labels())
-    out = peers(torch.randn(2, 3, 32, 32))
-    with pytest.raises(ValueError, match="feature_dim=peers.feature_dim"):
-        method(out, torch.tensor([0, 1]), torch.tensor([0, 1]))
-    unpooled = PeerNetwork([torch.nn.Conv2d(3, 4, 3)], [torch.nn.Linear(4, 10)], feature_dim=4)
+    method = attached(MCLOKD(nce_k=4), 2, 128)  # resnet20 gives 64-d features
+    with pytest.raises(ConfigError, match="already attached to a network of 2 peers with feature widths \\(128, 128\\)"):
+        OKDSystem(peers, method)
+    unpooled = PeerNetwork([torch.nn.Conv2d(3, 4, 3)], [torch.nn.Linear(4, 10)], feature_dims=[4])
     with pytest.raises(ValueError, match="pooled"):
         unpooled(torch.randn(1, 3, 8, 8))

@@ -126,7 +126,7 @@ def test_from_modules_adapter_with_torchvision_networks():
 def test_registering_a_new_backbone_needs_no_other_change(monkeypatch):
     from mcl_lightning.models import registry
 
-    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))  # leave the real one untouched
+    monkeypatch.setattr(registry.BACKBONES, "_entries", dict(registry.BACKBONES._entries))  # leave the real one untouched
 
     @register_backbone("tiny_test_net")
     def tiny(num_classes: int = 100) -> StagedBackbone:

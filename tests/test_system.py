@@ -24,8 +24,7 @@ def build(data_root, seed=0, nce_k=64, peers=3):
     L.seed_everything(seed, workers=True)
     datamodule = CIFARDataModule(root=data_root, batch_size=32, eval_batch_size=128)
     net = PeerNetwork.from_backbone("resnet20", num_peers=peers, num_classes=100)
-    method = MCLOKD(num_peers=peers, feature_dim=net.feature_dim, nce_k=nce_k)
-    return datamodule, OKDSystem(net, method, num_classes=100)
+    return datamodule, OKDSystem(net, MCLOKD(nce_k=nce_k), num_classes=100)
 
 
 def trainer(tmp_path, steps=4, epochs=1, **kwargs) -> L.Trainer:
@@ -94,10 +93,13 @@ def test_cosine_schedule_is_the_reference_per_epoch_formula(tmp_path, data_root)
     assert lrs == pytest.approx([0.5 * 0.05 * (1 + math.cos(math.pi * e / 3)) for e in range(3)])
 
 
-def test_method_and_network_must_agree_on_peers():
+def test_the_system_attaches_the_method_and_checks_what_it_needs():
     net = PeerNetwork.from_backbone("resnet20", num_peers=2)
-    with pytest.raises(ConfigError, match="peers"):
-        OKDSystem(net, MCLOKD(3, net.feature_dim), num_classes=100)
+    method = MCLOKD(nce_k=8)
+    OKDSystem(net, method)
+    assert method.spec == net.spec() and [h.linear.in_features for h in method.heads] == [64, 64]
+    with pytest.raises(ConfigError, match="needs peers >= 2, got 1"):
+        OKDSystem(PeerNetwork.from_backbone("resnet20", num_peers=1), MCLOKD())
 
 
 def test_resumed_run_continues_exactly_like_an_uninterrupted_one(tmp_path, data_root):
@@ -134,11 +136,12 @@ def test_optimizer_is_the_reference_sgd_over_peers_and_heads(data_root):
     system.hparams.scheduler = "constant"  # the cosine schedule needs a trainer for max_epochs
     optimizer = system.configure_optimizers()["optimizer"]
     assert isinstance(optimizer, torch.optim.SGD)
-    (group,) = optimizer.param_groups
-    assert (group["lr"], group["momentum"], group["weight_decay"], group["nesterov"]) == (0.05, 0.9, 5e-4, True)
-    params = {id(p) for p in group["params"]}
-    assert {id(p) for p in system.peers.parameters()} <= params
-    assert {id(p) for p in system.method.heads.parameters()} <= params
+    peers_group, heads_group = optimizer.param_groups  # the peers, then the method's default group
+    for group in (peers_group, heads_group):  # one SGD setting for all, weight decay on heads too
+        assert (group["lr"], group["momentum"], group["weight_decay"], group["nesterov"]) == (0.05, 0.9, 5e-4, True)
+    assert [id(p) for p in peers_group["params"]] == [id(p) for p in system.peers.parameters()]
+    assert [id(p) for p in heads_group["params"]] == [id(p) for p in system.method.heads.parameters()]
+    params = {id(p) for group in optimizer.param_groups for p in group["params"]}
     assert len(params) == len(list(system.parameters()))
 
 

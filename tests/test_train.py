@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 
 from mcl_lightning.methods import OKDMethod
 from mcl_lightning.models import PeerNetwork, count_parameters
+from mcl_lightning.train import build_network
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 TINY = [
@@ -57,8 +58,8 @@ def test_every_backbone_option_composes_and_builds(backbone, data_root):
 @pytest.mark.parametrize("method", options("method"))
 def test_every_method_option_composes_and_builds(method):
     cfg = _compose([f"method={method}", "peers=3", "backbone=resnet20"])
-    built = instantiate(cfg.method)(num_peers=3, feature_dim=64)
-    assert isinstance(built, OKDMethod) and built.name == method
+    peers, built = build_network(cfg)
+    assert isinstance(built, OKDMethod) and built.name == method and built.spec == peers.spec()
 
 
 @pytest.mark.parametrize("data", options("data"))
@@ -82,8 +83,7 @@ def test_every_trainer_option_composes(trainer):
 @pytest.mark.parametrize("experiment", options("experiment"))
 def test_every_experiment_composes_and_builds(experiment):
     cfg = _compose([f"experiment={experiment}"])
-    peers = instantiate(cfg.model)
-    method = instantiate(cfg.method)(num_peers=peers.num_peers, feature_dim=peers.feature_dim)
+    peers, method = build_network(cfg)
     assert peers.num_peers == cfg.peers and cfg.reference.source and cfg.reference.top1_error.peer
     assert cfg.trainer.max_epochs == 300 and cfg.optim.scheduler == "cosine"
     if experiment.startswith("mcl_okd"):
@@ -107,8 +107,7 @@ def test_paper_experiments_use_the_papers_networks_and_k():
 def test_overrides_change_what_their_names_say():
     cfg = _compose(["peers=3", "backbone=wrn_16_2", "topology=independent", "method.beta=0.5", "method.nce_k=32",
                     "method.tau=0.2", "optim.lr=0.1", "seed=5"])
-    peers = instantiate(cfg.model)
-    method = instantiate(cfg.method)(num_peers=peers.num_peers, feature_dim=peers.feature_dim)
+    peers, method = build_network(cfg)
     assert peers.num_peers == 3 and peers.feature_dim == 128
     assert count_parameters(peers) == 3 * count_parameters(peers.export_peer(0))  # independent
     assert (method.beta, method.negatives.k, method.tau) == (0.5, 32, 0.2)
@@ -116,10 +115,10 @@ def test_overrides_change_what_their_names_say():
 
 
 def test_every_method_option_override_reaches_the_method():
-    cfg = _compose(["method.alpha=0.5", "method.gamma=2.0", "method.momentum=0.9", "method.positive=relax",
-                    "method.kd_temperature=4", "method.online_teacher_targets=all", "method.feat_dim=64",
-                    "method.negatives_with_replacement=true", "method.eps=1e-6"])
-    method = instantiate(cfg.method)(num_peers=4, feature_dim=64)
+    cfg = _compose(["method.alpha=0.5", "method.gamma=2.0", "method.bank_momentum=0.9", "method.positive=relax",
+                    "method.kd_temperature=4", "method.online_teacher_targets=all", "method.projection_dim=64",
+                    "method.negatives_with_replacement=true", "method.eps=1e-6", "backbone=resnet20"])
+    _, method = build_network(cfg)
     assert (method.alpha, method.gamma, method.kd_temperature, method.eps) == (0.5, 2.0, 4, 1e-6)
     assert method.memory_bank.momentum == 0.9 and method.memory_bank.dim == 64
     assert method.negatives.positive == "relax" and method.negatives.replacement is True
@@ -131,8 +130,7 @@ def test_scheduler_options_compose_into_the_system(scheduler):
     from mcl_lightning.system import OKDSystem
 
     cfg = _compose([f"optim.scheduler={scheduler}", "optim.lr=0.1", "peers=2", "backbone=resnet20"])
-    peers = instantiate(cfg.model)
-    method = instantiate(cfg.method)(num_peers=2, feature_dim=peers.feature_dim)
+    peers, method = build_network(cfg)
     system = OKDSystem(peers, method, num_classes=100, **OmegaConf.to_container(cfg.optim, resolve=True))
     config = system.configure_optimizers()
     assert config["optimizer"].param_groups[0]["lr"] == 0.1

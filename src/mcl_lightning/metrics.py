@@ -18,7 +18,8 @@ class PeerMetrics(nn.Module):
 
     ``compute()`` returns flat names: ``peer{i}/top{k}``, ``peer_mean/top{k}`` (mean over peers),
     ``best_peer/top1`` (max over peers, what checkpoints select on) and ``ensemble/top{k}``. The
-    ensemble is the argmax of the mean of the peers' logits, as the reference's "Ens".
+    ensemble is the method's own (``OKDMethod.ensemble``; by default the argmax of the mean of the
+    peers' logits, as MCL-OKD's "Ens").
     """
 
     def __init__(self, num_peers: int, num_classes: int, top_k: tuple[int, ...] = (1, 5)) -> None:
@@ -27,11 +28,11 @@ class PeerMetrics(nn.Module):
         self.peers = nn.ModuleList(_topk_collection(num_classes, self.top_k) for _ in range(num_peers))
         self.ensemble = _topk_collection(num_classes, self.top_k)
 
-    def update(self, logits: Tensor, labels: Tensor) -> None:
-        """``logits``: (N, B, classes)."""
+    def update(self, logits: Tensor, labels: Tensor, ensemble: Tensor | None = None) -> None:
+        """``logits``: (N, B, classes); ``ensemble``: the method's ensemble logits (default: their mean)."""
         for metric, peer_logits in zip(self.peers, logits):
             metric.update(peer_logits, labels)
-        self.ensemble.update(logits.mean(0), labels)
+        self.ensemble.update(logits.mean(0) if ensemble is None else ensemble, labels)
 
     def compute(self) -> dict[str, Tensor]:
         values: dict[str, Tensor] = {}

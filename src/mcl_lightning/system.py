@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from mcl_lightning.errors import ConfigError
+from mcl_lightning.registry import check_choice
 from mcl_lightning.methods.base import OKDMethod
 from mcl_lightning.metrics import PeerMetrics
 from mcl_lightning.models.peers import PeerNetwork, PeerOutput
@@ -29,8 +30,9 @@ class OKDSystem(L.LightningModule):
 
     Args:
         peers: the peer network (``PeerNetwork.from_backbone`` or ``PeerNetwork.from_modules``).
-        method: an ``OKDMethod`` built for ``peers.num_peers`` and ``peers.feature_dim``.
-        num_classes: number of classes, for the metrics.
+        method: an ``OKDMethod`` (options only: the system attaches it to ``peers``, which builds
+            whatever it needs of the network, such as projection heads).
+        num_classes: number of classes, for the metrics (default: the peers' classifier width).
         lr, momentum, weight_decay, nesterov: SGD (reference: 0.05, 0.9, 5e-4, Nesterov; weight
             decay on every parameter, BN and heads included, as the reference).
         scheduler: ``cosine`` (per epoch, ``lr * 0.5 * (1 + cos(pi * e / max_epochs))``, the
@@ -41,7 +43,7 @@ class OKDSystem(L.LightningModule):
         self,
         peers: PeerNetwork,
         method: OKDMethod,
-        num_classes: int,
+        num_classes: int | None = None,
         lr: float = 0.05,
         momentum: float = 0.9,
         weight_decay: float = 5e-4,
@@ -51,14 +53,10 @@ class OKDSystem(L.LightningModule):
         lr_decay: float = 0.1,
     ) -> None:
         super().__init__()
-        if scheduler not in SCHEDULERS:
-            raise ConfigError(f"unknown scheduler {scheduler!r}; choose one of: {', '.join(SCHEDULERS)}")
-        if (method.num_peers, method.feature_dim) != (peers.num_peers, peers.feature_dim):
-            raise ConfigError(
-                f"the method was built for {method.num_peers} peers with {method.feature_dim}-d features, the "
-                f"network has {peers.num_peers} peers with {peers.feature_dim}-d features; build the method with "
-                "num_peers=peers.num_peers, feature_dim=peers.feature_dim"
-            )
+        check_choice("optim.scheduler", scheduler, SCHEDULERS)
+        spec = peers.spec()
+        method.attach(spec)  # the one place where a method meets its network
+        num_classes = spec.num_classes if num_classes is None else num_classes
         milestones = [int(m) for m in milestones]  # plain list: checkpoints load with weights_only=True
         self.save_hyperparameters(ignore=["peers", "method"])
         self.peers = peers
@@ -85,6 +83,9 @@ class OKDSystem(L.LightningModule):
         self.method.setup_data(labels)
 
     # -- training ---------------------------------------------------------------------------
+    def on_train_epoch_start(self) -> None:
+        self.method.set_epoch(self.current_epoch, self.trainer.max_epochs)
+
     def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
         images, labels, indices = batch
         output = self.peers(images)
@@ -119,7 +120,8 @@ class OKDSystem(L.LightningModule):
 
     def _update_metrics(self, metrics: PeerMetrics, batch: tuple[Tensor, Tensor, Tensor]) -> None:
         images, labels, _ = batch
-        metrics.update(self.peers(images).logits, labels)
+        output = self.peers(images)
+        metrics.update(output.logits, labels, self.method.ensemble(output))
 
     def _log_metrics(self, stage: str, metrics: PeerMetrics) -> dict[str, float]:
         """Compute, log (as ``<stage>/<name>``) and reset; returns the values as floats."""
@@ -132,9 +134,9 @@ class OKDSystem(L.LightningModule):
     # -- optimisation -----------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        optimizer = torch.optim.SGD(
-            self.parameters(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay, nesterov=hp.nesterov
-        )
+        settings = dict(lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay, nesterov=hp.nesterov)
+        groups = [{"params": list(self.peers.parameters())}, *self.method.parameter_groups(settings)]
+        optimizer = torch.optim.SGD(groups, **settings)
         if hp.scheduler == "constant":
             return {"optimizer": optimizer}
         if hp.scheduler == "multistep":

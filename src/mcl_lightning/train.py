@@ -22,17 +22,27 @@ from omegaconf import DictConfig, OmegaConf
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 from mcl_lightning.errors import ConfigError, UserError
+from mcl_lightning.methods import OKDMethod
+from mcl_lightning.models import PeerNetwork
 from mcl_lightning.results import format_table, nest_metrics, summarise, write_results
 from mcl_lightning.system import MONITOR, OKDSystem
 
 log = logging.getLogger("mcl_lightning")
 
 
+def build_network(cfg: DictConfig) -> tuple[PeerNetwork, OKDMethod]:
+    """The method (options only), then the peers with its reference layout unless ``topology=`` /
+    ``backbone.branch_point=`` say otherwise, then the method attached to them (checks first)."""
+    method = instantiate(cfg.method)
+    peers = instantiate(cfg.model, layout=method.reference_layout)
+    method.attach(peers.spec())
+    return peers, method
+
+
 def build(cfg: DictConfig, run_dir: Path) -> tuple[L.LightningDataModule, OKDSystem, L.Trainer, ModelCheckpoint]:
     """Instantiate data, peers, method, system and trainer from a composed config."""
+    peers, method = build_network(cfg)  # before the data: a config mistake costs no loading time
     datamodule = instantiate(cfg.data)
-    peers = instantiate(cfg.model)
-    method = instantiate(cfg.method)(num_peers=peers.num_peers, feature_dim=peers.feature_dim)
     system = OKDSystem(peers, method, num_classes=datamodule.num_classes, **OmegaConf.to_container(cfg.optim, resolve=True))
     # A resumed run keeps writing to the checkpoint's own folder: ModelCheckpoint restores its best
     # score only there, and "best" stays the best of the whole run.
@@ -67,9 +77,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     summary = summarise(system.val_history)
     results = {
         "method": system.method.name,
-        "backbone": cfg.backbone.name,
+        "backbone": backbone_name(system.peers, cfg),
         "peers": system.peers.num_peers,
-        "topology": cfg.topology,
+        "topology": system.peers.topology,
+        "ensemble": system.method.ensemble_description,
         "epochs_run": trainer.current_epoch,
         "global_batch_size": datamodule.batch_size * trainer.accumulate_grad_batches,
         "world_size": trainer.world_size,
@@ -90,6 +101,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         print(format_table(results))
         print(f"results: {path}")
     return results
+
+
+def backbone_name(peers: PeerNetwork, cfg: DictConfig) -> str:
+    """The backbone's name, or ``a+b+c`` for heterogeneous peers."""
+    spec = peers.build_spec
+    names = [spec["backbone"]] if spec and isinstance(spec["backbone"], str) else (spec or {}).get("backbone")
+    return "+".join(names) if names else str(cfg.backbone.name)
 
 
 def _user_error(error: BaseException) -> Exception | None:

@@ -6,12 +6,17 @@ from torch import Tensor
 
 from mcl_lightning.methods.base import OKDMethod, register_method
 from mcl_lightning.methods.losses import cross_entropy_per_peer
-from mcl_lightning.models.peers import PeerOutput
+from mcl_lightning.models.peers import PeerLayout, PeerOutput
 
 
 @register_method("independent")
 class Independent(OKDMethod):
-    """``sum_i CE(f_i, y)``: cross-entropy per peer, summed (as the reference sums it)."""
+    """``sum_i CE(f_i, y)``: cross-entropy per peer, summed (as the reference sums it).
+
+    Its reference (the baseline column) is N separate networks, hence the independent layout.
+    """
+
+    reference_layout = PeerLayout(topology="independent")
 
     def forward(self, output: PeerOutput, labels: Tensor, indices: Tensor) -> dict[str, Tensor]:
         return {"ce": cross_entropy_per_peer(output.logits, labels).sum()}

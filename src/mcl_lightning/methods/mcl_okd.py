@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from torch import Tensor, nn
 
@@ -19,7 +21,8 @@ from mcl_lightning.errors import ConfigError
 from mcl_lightning.methods.base import OKDMethod, register_method
 from mcl_lightning.methods.losses import cross_entropy_per_peer, distill_kl
 from mcl_lightning.models.heads import ProjectionHead
-from mcl_lightning.models.peers import PeerOutput
+from mcl_lightning.models.peers import PeerOutput, PeerSpec
+from mcl_lightning.registry import check_choice
 
 TEACHER_TARGETS = ("last", "all")
 
@@ -28,13 +31,15 @@ TEACHER_TARGETS = ("last", "all")
 class MCLOKD(OKDMethod):
     """Multi-view contrastive learning for online KD. Defaults are the reference's (CIFAR script).
 
+    Needs N >= 2 peers (the contrastive term needs pairs); they may be different backbones (each
+    has its own projection head).
+
     Args:
-        num_peers, feature_dim: from the peer network (N >= 2: the contrastive term needs pairs).
-        feat_dim: projection width (128).
+        projection_dim: width of the projection heads' embeddings (the reference's feat_dim, 128).
         nce_k: negatives per anchor K (script default 16384; the README uses 256 for
             ResNet-32/110 and DenseNet).
         tau: NCE temperature (0.1 CIFAR, 0.07 ImageNet).
-        momentum: memory-bank momentum mu (0.5).
+        bank_momentum: memory-bank momentum mu (the reference's nce_m, 0.5).
         eps: NCE epsilon (1e-7).
         positive: ``exact`` (the sample itself) or ``relax`` (a random same-class sample).
         negatives_with_replacement: False on CIFAR (distinct negatives), True for ImageNet-size sets.
@@ -43,14 +48,15 @@ class MCLOKD(OKDMethod):
         gamma, alpha, beta: weights of the CE sum, the online-teacher term and the NCE sum.
     """
 
+    min_peers = 2
+    needs_train_labels = True  # class-aware negatives and one bank row per training sample
+
     def __init__(
         self,
-        num_peers: int,
-        feature_dim: int,
-        feat_dim: int = 128,
+        projection_dim: int = 128,
         nce_k: int = 16384,
         tau: float = 0.1,
-        momentum: float = 0.5,
+        bank_momentum: float = 0.5,
         eps: float = 1e-7,
         positive: str = "exact",
         negatives_with_replacement: bool = False,
@@ -60,26 +66,25 @@ class MCLOKD(OKDMethod):
         alpha: float = 1.0,
         beta: float = 0.025,
     ) -> None:
-        super().__init__(num_peers, feature_dim)
-        if num_peers < 2:
-            raise ConfigError(
-                f"mcl_okd contrasts pairs of peers and needs peers >= 2, got {num_peers}; "
-                "set peers=2 or more, or use method=independent for a single network"
-            )
-        if online_teacher_targets not in TEACHER_TARGETS:
-            raise ConfigError(
-                f"unknown online_teacher_targets {online_teacher_targets!r}; choose one of: {', '.join(TEACHER_TARGETS)}"
-            )
+        super().__init__()
+        check_choice("method.online_teacher_targets", online_teacher_targets, TEACHER_TARGETS)
         if tau <= 0 or kd_temperature <= 0:
-            raise ConfigError("method.tau and method.kd_temperature must be > 0")
+            raise ConfigError(f"method.tau and method.kd_temperature must be > 0, got {tau} and {kd_temperature}")
+        if projection_dim < 1:
+            raise ConfigError(f"method.projection_dim must be >= 1, got {projection_dim}")
+        if not 0.0 <= bank_momentum < 1.0:
+            raise ConfigError(f"method.bank_momentum must be in [0, 1), got {bank_momentum}")
+        if min(gamma, alpha, beta) < 0:
+            raise ConfigError(f"loss weights must be >= 0, got gamma={gamma}, alpha={alpha}, beta={beta}")
         self.tau, self.eps, self.kd_temperature = tau, eps, kd_temperature
         self.online_teacher_targets = online_teacher_targets
         self.gamma, self.alpha, self.beta = gamma, alpha, beta
-        self.heads = nn.ModuleList(ProjectionHead(feature_dim, feat_dim) for _ in range(num_peers))
-        self.memory_bank = MemoryBank(num_peers, 0, feat_dim, momentum)
+        self.projection_dim, self.bank_momentum = projection_dim, bank_momentum
         self.negatives = NegativeSampler(nce_k, positive, negatives_with_replacement)
 
-    needs_train_labels = True  # class-aware negatives and one bank row per training sample
+    def build(self, spec: PeerSpec) -> None:
+        self.heads = nn.ModuleList(ProjectionHead(c, self.projection_dim) for c in spec.feature_dims)
+        self.memory_bank = MemoryBank(spec.num_peers, 0, self.projection_dim, self.bank_momentum)
 
     def setup_data(self, train_labels: Tensor) -> None:
         self.negatives.bind(train_labels)
@@ -92,11 +97,11 @@ class MCLOKD(OKDMethod):
         students = logits[-1] if self.online_teacher_targets == "last" else logits
         return distill_kl(students, teacher, self.kd_temperature)
 
-    def contrastive(self, features: Tensor, labels: Tensor, indices: Tensor) -> Tensor:
+    def contrastive(self, features: Sequence[Tensor], labels: Tensor, indices: Tensor) -> Tensor:
         """Sum over ordered peer pairs of the binary NCE; updates the banks afterwards."""
         if self.memory_bank.num_samples == 0:
             raise RuntimeError("MCLOKD.setup_data(train_labels) must be called before training")
-        with float32_region(features.device):  # heads, scores and bank update all in float32
+        with float32_region(labels.device):  # heads, scores and bank update all in float32
             z = torch.stack([head(f.float()) for head, f in zip(self.heads, features)])  # (N, B, D)
             contrast_idx = self.negatives(indices, labels)  # (B, K + 1)
             rows = self.memory_bank.gather(contrast_idx)  # (N, B, K + 1, D): one gather per bank
@@ -105,7 +110,6 @@ class MCLOKD(OKDMethod):
         return loss
 
     def forward(self, output: PeerOutput, labels: Tensor, indices: Tensor) -> dict[str, Tensor]:
-        self.check_output(output)
         return {
             "ce": self.gamma * cross_entropy_per_peer(output.logits, labels).sum(),
             "online_teacher_kd": self.alpha * self.online_teacher_kd(output.logits),

@@ -2,7 +2,7 @@
 
 from mcl_lightning.models import cifar_resnet, wrn  # noqa: F401  (register the backbones)
 from mcl_lightning.models.heads import ProjectionHead
-from mcl_lightning.models.peers import TOPOLOGIES, PeerNetwork, PeerOutput
+from mcl_lightning.models.peers import TOPOLOGIES, PeerLayout, PeerNetwork, PeerOutput, PeerSpec, build_peers
 from mcl_lightning.models.registry import (
     StagedBackbone,
     count_parameters,
@@ -12,11 +12,14 @@ from mcl_lightning.models.registry import (
 )
 
 __all__ = [
+    "PeerLayout",
     "PeerNetwork",
     "PeerOutput",
+    "PeerSpec",
     "ProjectionHead",
     "StagedBackbone",
     "TOPOLOGIES",
+    "build_peers",
     "count_parameters",
     "create_backbone",
     "list_backbones",

@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from mcl_lightning.errors import ConfigError
+from mcl_lightning.registry import Registry
 
 
 class StagedBackbone(nn.Module):
@@ -58,34 +58,22 @@ class StagedBackbone(nn.Module):
 
 
 BackboneFactory = Callable[..., StagedBackbone]
-_REGISTRY: dict[str, BackboneFactory] = {}
+BACKBONES: Registry[BackboneFactory] = Registry("backbone", example="backbone=resnet32")
 
 
 def register_backbone(name: str) -> Callable[[BackboneFactory], BackboneFactory]:
     """Decorator: register ``fn(num_classes=..., **kwargs) -> StagedBackbone`` under ``name``."""
-
-    def decorator(fn: BackboneFactory) -> BackboneFactory:
-        if name in _REGISTRY:
-            raise ValueError(f"backbone {name!r} is already registered")
-        _REGISTRY[name] = fn
-        return fn
-
-    return decorator
+    return BACKBONES.register(name)
 
 
 def list_backbones() -> list[str]:
     """The registered backbone names, sorted."""
-    return sorted(_REGISTRY)
+    return BACKBONES.names()
 
 
 def create_backbone(name: str, num_classes: int = 100, **kwargs) -> StagedBackbone:
     """Build the backbone registered as ``name``."""
-    if name not in _REGISTRY:
-        raise ConfigError(
-            f"unknown backbone {name!r}; choose one of: {', '.join(list_backbones())} "
-            "(e.g. backbone=resnet32)"
-        )
-    return _REGISTRY[name](num_classes=num_classes, **kwargs)
+    return BACKBONES.get(name)(num_classes=num_classes, **kwargs)
 
 
 def count_parameters(module: nn.Module) -> int:
