@@ -189,6 +189,22 @@ def test_mcl_okd_run_logs_three_loss_terms_per_epoch(tmp_path, data_root):
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
 
 
+def test_heterogeneous_peers_through_the_entry_point(tmp_path, data_root):
+    run_dir = tmp_path / "run"
+    proc = run_train("peers=[resnet20,wrn_16_2,resnet32]", "method.nce_k=64", f"data.root={data_root}",
+                     "data.batch_size=32", f"hydra.run.dir={run_dir}", *TINY)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["backbone"] == "resnet20+wrn_16_2+resnet32" and results["peers"] == 3
+    assert results["topology"] == "independent" and set(results["test"]) >= {"peer0", "peer1", "peer2", "ensemble"}
+    state = torch.load(results["checkpoints"]["last"], map_location="cpu", weights_only=True)["state_dict"]
+    assert [state[f"method.heads.{i}.linear.weight"].shape[1] for i in range(3)] == [64, 128, 64]
+    proc = run_train("peers=[resnet20,wrn_16_2]", "topology=shared_trunk", f"data.root={data_root}",
+                     f"hydra.run.dir={tmp_path / 'x'}")
+    assert proc.returncode == 2 and "cannot share a trunk; set topology=independent" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def test_multirun_gives_each_job_its_own_directory(tmp_path, data_root):
     sweep = tmp_path / "sweep"
     proc = run_train("-m", "seed=0,1", "peers=2", "backbone=resnet20", "method=independent",

@@ -47,10 +47,11 @@ def main(argv: list[str] | None = None) -> None:
     peers = load_peers(args.checkpoint)
     network = peers.export_peer(args.peer)
     torch.save(network.state_dict(), args.out)
-    spec = peers.build_spec
-    print(f"peer {args.peer % peers.num_peers} of {peers.num_peers}: {spec['backbone']}, {spec['num_classes']} classes, "
+    spec, index = peers.build_spec, args.peer % peers.num_peers
+    name = spec["backbone"] if isinstance(spec["backbone"], str) else spec["backbone"][index]
+    print(f"peer {index} of {peers.num_peers}: {name}, {spec['num_classes']} classes, "
           f"{count_parameters(network):,} parameters -> {args.out}")
-    print(f"load with: create_backbone({spec['backbone']!r}, num_classes={spec['num_classes']}).load_state_dict(torch.load(...))")
+    print(f"load with: create_backbone({name!r}, num_classes={spec['num_classes']}).load_state_dict(torch.load(...))")
 
 
 if __name__ == "__main__":

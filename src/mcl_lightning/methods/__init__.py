@@ -1,7 +1,8 @@
 """OKD methods: one file per method, each returning a dict of named, weighted loss terms."""
 
 from mcl_lightning.methods.base import OKDMethod, get_method, list_methods, register_method
+from mcl_lightning.methods.dml import DML
 from mcl_lightning.methods.independent import Independent
 from mcl_lightning.methods.mcl_okd import MCLOKD
 
-__all__ = ["Independent", "MCLOKD", "OKDMethod", "get_method", "list_methods", "register_method"]
+__all__ = ["DML", "Independent", "MCLOKD", "OKDMethod", "get_method", "list_methods", "register_method"]

@@ -1,0 +1,214 @@
+"""Compare runs: one table from every results.json below a run or sweep directory.
+
+    python -m mcl_lightning.report multirun/2026-11-26/12-00-00
+    python -m mcl_lightning.report outputs/ --out comparison   # writes comparison.md / comparison.csv
+
+Runs that differ only in their seed are one row: mean ± sample std (n) of top-1 for the deployed
+peer (the last one, which ``mcl_lightning.export`` exports by default), the peer mean and the
+method's ensemble, at the final epoch and at the best epoch (the epoch of the best checkpoint, which
+is selected on the test set when validation is the test set: marked ``best*``). Settings that vary
+between rows (beyond method, backbone and peers) are listed in the row. Published numbers, where an
+``experiment=`` carried them, stand beside the row as top-1 accuracy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any, Iterable
+
+from mcl_lightning.errors import UserError
+
+# Config keys that say where or how often, not what was trained: never part of a row's identity.
+IGNORED_KEYS = ("seed", "ckpt_path", "data.root", "data.num_workers", "data.download", "trainer.enable_progress_bar",
+                "trainer.logger", "trainer.callbacks", "trainer.log_every_n_steps", "reference")
+GROUPS = (("deployed", "deployed peer"), ("peer_mean", "peer mean"), ("ensemble", "ensemble"))
+WHEN = (("final", "final"), ("best", "best"))
+
+
+def find_results(root: str | Path) -> list[Path]:
+    """Every results.json at or below ``root``, sorted."""
+    root = Path(root)
+    if root.is_file():
+        return [root]
+    if not root.is_dir():
+        raise UserError(f"{root} does not exist; pass a run directory (outputs/<date>/<time>) or a sweep (multirun/...)")
+    return sorted(root.rglob("results.json"))
+
+
+def _flatten(config: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(config, dict):
+        flat: dict[str, Any] = {}
+        for key, value in config.items():
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        return flat
+    return {prefix[:-1]: json.dumps(config) if isinstance(config, list) else config}
+
+
+def _identity(config: dict[str, Any]) -> dict[str, Any]:
+    flat = _flatten(config)
+    return {k: v for k, v in flat.items() if not any(k == i or k.startswith(i + ".") for i in IGNORED_KEYS)}
+
+
+def deployed_top1(section: dict[str, dict[str, float]], peers: int) -> float | None:
+    """Top-1 of the last peer (the deployed one) in a final/best section."""
+    return section.get(f"peer{peers - 1}", {}).get("top1")
+
+
+def run_values(results: dict[str, Any]) -> dict[str, float | None]:
+    """``{"deployed/final": top1, ...}`` for one run, as fractions."""
+    values: dict[str, float | None] = {}
+    for when, _ in WHEN:
+        section = results.get(when) or {}
+        values[f"deployed/{when}"] = deployed_top1(section, int(results["peers"]))
+        for group in ("peer_mean", "ensemble"):
+            values[f"{group}/{when}"] = section.get(group, {}).get("top1")
+    return values
+
+
+def mean_std(values: Iterable[float | None]) -> tuple[float | None, float | None, int]:
+    """Mean, sample standard deviation (None for n < 2) and n of the values present."""
+    xs = [v for v in values if v is not None]
+    if not xs:
+        return None, None, 0
+    mean = sum(xs) / len(xs)
+    std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else None
+    return mean, std, len(xs)
+
+
+def summarise_runs(paths: list[Path]) -> list[dict[str, Any]]:
+    """One row per configuration (runs differing only in seed pooled), with per-metric statistics."""
+    groups: dict[str, dict[str, Any]] = {}
+    for path in paths:
+        results = json.loads(path.read_text())
+        identity = _identity(results.get("config") or {})
+        identity.update(method=results["method"], backbone=results["backbone"], peers=results["peers"])
+        key = json.dumps(identity, sort_keys=True, default=str)
+        group = groups.setdefault(key, {"identity": identity, "runs": [], "paths": []})
+        group["runs"].append(results)
+        group["paths"].append(str(path))
+    # Settings that differ between rows, beyond the three named columns, go into the row's label.
+    all_keys = sorted({k for g in groups.values() for k in g["identity"]} - {"method", "backbone", "peers"})
+    varying = [k for k in all_keys if len({str(g["identity"].get(k)) for g in groups.values()}) > 1]
+    rows = []
+    for group in groups.values():
+        runs = group["runs"]
+        first = runs[0]
+        row: dict[str, Any] = {
+            "method": first["method"], "backbone": first["backbone"], "peers": first["peers"],
+            "settings": " ".join(f"{k}={group['identity'].get(k)}" for k in varying),
+            "seeds": sorted(r.get("seed") for r in runs),
+            "epochs": sorted({r.get("epochs_run") for r in runs}),
+            "test_selected": any(r.get("selection") == "test-selected" for r in runs),
+            "paths": group["paths"],
+        }
+        per_run = [run_values(r) for r in runs]
+        for name in per_run[0]:
+            row[name] = mean_std(v[name] for v in per_run)
+        row["published"] = published(first.get("reference"))
+        rows.append(row)
+    rows.sort(key=lambda r: (r["backbone"], r["peers"], r["method"], r["settings"]))
+    return rows
+
+
+def published(reference: dict[str, Any] | None) -> dict[str, float]:
+    """Published top-1 accuracy (%) from a results.json ``reference`` (errors converted)."""
+    if not reference:
+        return {}
+    out: dict[str, float] = {}
+    for name, value in (reference.get("top1_error") or {}).items():
+        out[name] = round(100.0 - float(value), 2)
+    for name, value in (reference.get("top1") or {}).items():
+        out[name] = float(value)
+    if reference.get("baseline_top1_error") is not None:
+        out["baseline"] = round(100.0 - float(reference["baseline_top1_error"]), 2)
+    return out
+
+
+def _cell(stat: tuple[float | None, float | None, int]) -> str:
+    mean, std, n = stat
+    if mean is None:
+        return "-"
+    text = f"{100 * mean:.2f}"
+    return f"{text} ± {100 * std:.2f} ({n})" if std is not None else f"{text} ({n})"
+
+
+def columns(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """(key, header) pairs; ``best*`` marks test-selected best epochs."""
+    star = "*" if any(r["test_selected"] for r in rows) else ""
+    cols = [(f"{group}/{when}", f"{label} {title}{star if when == 'best' else ''}")
+            for group, label in GROUPS for when, title in WHEN]
+    return cols
+
+
+def to_markdown(rows: list[dict[str, Any]]) -> str:
+    cols = columns(rows)
+    header = ["method", "backbone", "peers", "settings", "epochs", *[h for _, h in cols], "published"]
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for row in rows:
+        pub = ", ".join(f"{k} {v:.2f}" for k, v in row["published"].items()) or "-"
+        cells = [row["method"], row["backbone"], str(row["peers"]), row["settings"] or "-",
+                 ",".join(map(str, row["epochs"])), *[_cell(row[k]) for k, _ in cols], pub]
+        lines.append("| " + " | ".join(cells) + " |")
+    notes = ["", "Top-1 accuracy (%), mean ± sample std (n seeds). Deployed peer = the last peer."]
+    if any(r["test_selected"] for r in rows):
+        notes.append("best* = the epoch with the best single-peer top-1 on the validation set, which is the "
+                     "test set here (test-selected, as the reference reports); final = the last epoch.")
+    return "\n".join(lines + notes)
+
+
+def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
+    cols = columns(rows)
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        header = ["method", "backbone", "peers", "settings", "epochs", "seeds"]
+        for key, _ in cols:
+            header += [f"{key}/mean", f"{key}/std", f"{key}/n"]
+        writer.writerow(header + ["published", "test_selected"])
+        for row in rows:
+            cells: list[Any] = [row["method"], row["backbone"], row["peers"], row["settings"],
+                                " ".join(map(str, row["epochs"])), " ".join(map(str, row["seeds"]))]
+            for key, _ in cols:
+                mean, std, n = row[key]
+                cells += [_pct(mean), _pct(std), n]
+            writer.writerow(cells + [json.dumps(row["published"]), row["test_selected"]])
+
+
+def _pct(value: float | None) -> str:
+    return "" if value is None else f"{100 * value:.4f}"
+
+
+def report(root: str | Path, out: str | Path | None = None) -> tuple[list[dict[str, Any]], Path, Path]:
+    """Build the table for ``root``; writes ``<out>.md`` and ``<out>.csv`` (default ``<root>/report``)."""
+    paths = find_results(root)
+    if not paths:
+        raise UserError(f"no results.json below {root}; point at a finished run or sweep directory")
+    rows = summarise_runs(paths)
+    stem = Path(out) if out else (Path(root) if Path(root).is_dir() else Path(root).parent) / "report"
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    md, csv_path = stem.with_suffix(".md"), stem.with_suffix(".csv")
+    md.write_text(to_markdown(rows) + "\n")
+    write_csv(rows, csv_path)
+    return rows, md, csv_path
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("root", type=Path, help="a run directory, a sweep directory, or a results.json")
+    parser.add_argument("--out", type=Path, help="output path without suffix (default: <root>/report)")
+    args = parser.parse_args(argv)
+    try:
+        rows, md, csv_path = report(args.root, args.out)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    print(md.read_text(), end="")
+    print(f"\n{sum(len(r['paths']) for r in rows)} runs in {len(rows)} rows -> {md}, {csv_path}")
+
+
+if __name__ == "__main__":
+    main()
