@@ -9,6 +9,7 @@ from torch import nn
 from mcl_lightning.errors import ConfigError
 from mcl_lightning.models import (
     TOPOLOGIES,
+    PeerLayout,
     PeerNetwork,
     StagedBackbone,
     count_parameters,
@@ -136,3 +137,66 @@ def test_registering_a_new_backbone_needs_no_other_change(monkeypatch):
 
     peers = PeerNetwork.from_backbone("tiny_test_net", num_peers=2, num_classes=5)
     assert peers(torch.randn(1, 3, 8, 8)).logits.shape == (2, 1, 5)
+
+
+def test_pair_stage_layout_is_a_binary_tree_and_exports_plain_peers():
+    """CL-ILR's layout: stem + stage 1 shared by all, stage 2 by pairs (0, 1) and (2, 3), stage 3 own."""
+    tree = PeerNetwork.from_backbone("resnet20", num_peers=4, num_classes=10, layout=PeerLayout(pair_stage=True)).eval()
+    plain = create_backbone("resnet20", num_classes=10)
+    stage = [count_parameters(s) for s in plain.stages]
+    head = count_parameters(plain.pool) + count_parameters(plain.classifier)
+    assert count_parameters(tree) == stage[0] + stage[1] + 2 * stage[2] + 4 * (stage[3] + head)
+    assert tree.group_of == [0, 0, 1, 1] and len(tree.groups) == 2
+    odd = PeerNetwork.from_backbone("resnet20", num_peers=3, layout=PeerLayout(pair_stage=True))
+    assert odd.group_of == [0, 0, 1]  # the last peer owns its pair-stage alone
+    x = torch.randn(2, 3, 32, 32)
+    out = tree(x)
+    for i in range(4):
+        torch.testing.assert_close(tree.export_peer(i).eval()(x), out.logits[i])
+    assert out.trunk is not None and out.trunk.shape[1] == tree.spec().trunk_channels == 16
+
+
+def test_split_gradients_are_divided_by_the_children_at_each_split():
+    """ILR: identity forward; the gradient into the trunk is 1/2 (two groups), into each pair stage 1/2."""
+    torch.manual_seed(0)
+    plain = PeerNetwork.from_backbone("resnet20", num_peers=4, num_classes=10, layout=PeerLayout(pair_stage=True))
+    scaled = PeerNetwork.from_backbone("resnet20", num_peers=4, num_classes=10,
+                                       layout=PeerLayout(pair_stage=True, rescale_split_gradients=True))
+    scaled.load_state_dict(plain.state_dict())
+    x = torch.randn(4, 3, 32, 32)
+    a, b = plain(x), scaled(x)
+    torch.testing.assert_close(a.logits, b.logits)  # identity forward
+    a.logits.sum().backward()
+    b.logits.sum().backward()
+    last_group_conv = lambda net: net.groups[1][0].conv1.weight.grad  # noqa: E731
+    trunk_conv = lambda net: net.trunk[0][0].weight.grad  # noqa: E731
+    torch.testing.assert_close(last_group_conv(scaled), last_group_conv(plain) / 2)
+    torch.testing.assert_close(trunk_conv(scaled), trunk_conv(plain) / 4, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(scaled.branches[3][0][0].conv1.weight.grad, plain.branches[3][0][0].conv1.weight.grad)
+
+
+def test_heterogeneous_peers_keep_their_own_widths_and_export_their_own_backbone():
+    peers = PeerNetwork.from_backbone(["resnet20", "wrn_16_2", "resnet110_bottleneck"], num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    out = peers(x)
+    assert peers.topology == "independent" and out.trunk is None
+    assert out.feature_dims == peers.feature_dims == (64, 128, 256) and isinstance(out.features, tuple)
+    with pytest.raises(ValueError, match="different feature widths"):
+        out.stacked_features()
+    for i, name in enumerate(["resnet20", "wrn_16_2", "resnet110_bottleneck"]):
+        deployed = peers.export_peer(i).eval()
+        assert count_parameters(deployed) == count_parameters(create_backbone(name, num_classes=10))
+        torch.testing.assert_close(deployed(x), out.logits[i])
+    rebuilt = PeerNetwork.from_backbone(**peers.build_spec)
+    assert rebuilt.feature_dims == peers.feature_dims
+    with pytest.raises(ConfigError, match="cannot share a trunk"):
+        PeerNetwork.from_backbone(["resnet20", "wrn_16_2"], topology="shared_trunk")
+
+
+def test_method_layout_moves_the_branch_point_unless_overridden():
+    later = PeerNetwork.from_backbone("resnet20", num_peers=2, layout=PeerLayout(branch_offset=1))
+    assert len(later.trunk) == 3  # stem, layer1, layer2: ONE's and OKDDip's split
+    explicit = PeerNetwork.from_backbone("resnet20", num_peers=2, branch_point=2, layout=PeerLayout(branch_offset=1))
+    assert len(explicit.trunk) == 2
+    apart = PeerNetwork.from_backbone("resnet20", num_peers=2, layout=PeerLayout(topology="independent"))
+    assert apart.topology == "independent" and apart.spec().trunk_channels is None
