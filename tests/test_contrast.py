@@ -315,3 +315,42 @@ def test_shape_mismatches_are_one_clear_message():
     unpooled = PeerNetwork([torch.nn.Conv2d(3, 4, 3)], [torch.nn.Linear(4, 10)], feature_dims=[4])
     with pytest.raises(ValueError, match="pooled"):
         unpooled(torch.randn(1, 3, 8, 8))
+
+
+@pytest.mark.parametrize("n_peers", [2, 4])
+def test_dense_bank_scoring_equals_gathering_rows(n_peers):
+    """bank_scoring=dense (one GEMM over the bank) gives the gather path's loss, gradients and banks."""
+    labels_all = _cifar_like_labels()
+    features = torch.randn(n_peers, 8, 12)
+    results = []
+    for mode in ("gather", "dense"):
+        torch.manual_seed(0)
+        method = attached(MCLOKD(nce_k=300, projection_dim=16, bank_scoring=mode), n_peers, 12)
+        method.setup_data(labels_all)
+        f = features.clone().requires_grad_(True)
+        torch.manual_seed(1)
+        loss = method.contrastive(f, labels_all[:8], torch.arange(8))
+        loss.backward()
+        results.append((loss.detach(), f.grad, method.memory_bank.memory.clone()))
+    (l1, g1, m1), (l2, g2, m2) = results
+    torch.testing.assert_close(l1, l2, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(m1, m2)
+    auto = attached(MCLOKD(nce_k=300), 2, 12)
+    auto.setup_data(labels_all)  # 500 samples: 8 anchors x 301 rows > 4 x 500 -> dense
+    assert auto._dense_scoring(torch.Size([8, 301])) and not auto._dense_scoring(torch.Size([2, 301]))
+
+
+def test_negative_draw_count_leaves_k_distinct_with_a_wide_margin():
+    """The sampler's i.i.d. draws hold K distinct values 9 standard deviations above K, and stay
+    well below the pool (so the memory per anchor does not grow with the training set)."""
+    from mcl_lightning.contrast.negatives import distinct_draws
+
+    for k, pool in ((256, 49_500), (16_384, 49_500), (16_384, 1_281_167), (30, 450)):
+        m = distinct_draws(k, pool)
+        assert k <= m < pool
+        # Simulated: the distinct count of m draws over the pool is never below k.
+        draws = torch.randint(0, pool, (64, m))
+        distinct = torch.tensor([len(torch.unique(row)) for row in draws])
+        assert distinct.min() >= k
+    assert distinct_draws(450, 450) == 0  # K = pool: keys over the pool are the cheaper exact draw

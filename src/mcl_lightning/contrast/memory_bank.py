@@ -40,7 +40,9 @@ class MemoryBank(nn.Module):
 
     def gather(self, indices: Tensor) -> Tensor:
         """Rows at ``indices`` (any shape) of every bank: (num_peers, *indices.shape, dim)."""
-        return self.memory[:, indices]
+        # index_select on the flat indices: on CPU several times faster than advanced indexing.
+        rows = self.memory.index_select(1, indices.reshape(-1))
+        return rows.view(self.num_peers, *indices.shape, self.dim)
 
     @torch.no_grad()
     def update(self, indices: Tensor, embeddings: Tensor) -> None:
@@ -60,7 +62,7 @@ class MemoryBank(nn.Module):
             first = torch.full((self.num_samples,), len(indices), dtype=torch.long, device=indices.device)
             first.scatter_reduce_(0, indices, position, reduce="amin")
             embeddings = embeddings[:, first[indices]]
-        rows = self.memory[:, indices].mul_(self.momentum).add_(embeddings, alpha=1.0 - self.momentum)
+        rows = self.memory.index_select(1, indices).mul_(self.momentum).add_(embeddings, alpha=1.0 - self.momentum)
         rows = rows / rows.pow(2).sum(-1, keepdim=True).sqrt()
         self.memory.index_copy_(1, indices, rows)
 

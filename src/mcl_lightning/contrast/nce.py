@@ -16,8 +16,8 @@ def float32_region(device: torch.device) -> ContextManager:
     return contextlib.nullcontext()
 
 
-def pairwise_scores(bank_rows: Tensor, embeddings: Tensor, tau: float) -> Tensor:
-    """``s[a, b, n, k] = exp(m_a[c_{n,k}] . z_{b,n} / tau)`` for every pair of peers (a, b).
+def pairwise_logits(bank_rows: Tensor, embeddings: Tensor) -> Tensor:
+    """``l[a, b, n, k] = m_a[c_{n,k}] . z_{b,n}`` for every pair of peers (a, b), from gathered rows.
 
     Args:
         bank_rows: (N, B, K + 1, D) rows of each peer's bank at the contrast indices (detached).
@@ -31,8 +31,30 @@ def pairwise_scores(bank_rows: Tensor, embeddings: Tensor, tau: float) -> Tensor
     """
     # (N_a, B, K+1, D) @ (B, D, N_b) -> (N_a, B, K+1, N_b): no copy of the gathered rows (an einsum
     # over these operands materialises a second (N, B, K+1, D) tensor).
-    logits = torch.matmul(bank_rows, embeddings.permute(1, 2, 0)).permute(0, 3, 1, 2)
-    return torch.exp(logits / tau)
+    return torch.matmul(bank_rows, embeddings.permute(1, 2, 0)).permute(0, 3, 1, 2)
+
+
+def dense_pairwise_logits(memory: Tensor, contrast_idx: Tensor, embeddings: Tensor) -> Tensor:
+    """The same (N, N, B, K + 1) logits as :func:`pairwise_logits`, without gathering bank rows.
+
+    Every bank row is scored against every embedding of the batch in one matrix product
+    ((N, N_data, D) x (D, N B)), then the K + 1 scores of each anchor are picked out. When the B
+    anchors' K + 1 rows outnumber the bank (B (K + 1) > N_data, e.g. K = 16384 on CIFAR) this
+    reads each row once instead of B (K + 1) / N_data times, and keeps N N B N_data scores
+    (205 MB at N = 4, B = 64 on CIFAR) instead of N B (K + 1) D gathered floats (2.1 GB at K = 16384).
+    """
+    n, batch, _ = embeddings.shape
+    # (1, N_b B, D) @ (N_a, D, N_data) -> (N_a, N_b B, N_data): one batched GEMM with no copy of
+    # the bank (a 4-d broadcast matmul would expand the bank N_b times), contiguous along the bank.
+    scores = torch.matmul(embeddings.reshape(1, n * batch, -1), memory.transpose(1, 2))
+    scores = scores.view(memory.shape[0], n, batch, memory.shape[1])
+    index = contrast_idx[None, None].expand(memory.shape[0], n, batch, contrast_idx.shape[1])
+    return scores.gather(3, index)
+
+
+def pairwise_scores(bank_rows: Tensor, embeddings: Tensor, tau: float) -> Tensor:
+    """``s[a, b, n, k] = exp(m_a[c_{n,k}] . z_{b,n} / tau)``: (N, N, B, K + 1); see :func:`pairwise_logits`."""
+    return torch.exp(pairwise_logits(bank_rows, embeddings) / tau)
 
 
 def nce_loss(scores: Tensor, num_samples: int, eps: float = 1e-7) -> Tensor:
@@ -57,8 +79,13 @@ def nce_loss(scores: Tensor, num_samples: int, eps: float = 1e-7) -> Tensor:
 def multi_view_nce(bank_rows: Tensor, embeddings: Tensor, tau: float, num_samples: int, eps: float = 1e-7) -> Tensor:
     """The contrastive loss summed over all N(N - 1) ordered peer pairs, in float32."""
     with float32_region(embeddings.device):
-        scores = pairwise_scores(bank_rows.float(), embeddings.float(), tau)
-        losses = nce_loss(scores, num_samples, eps)  # (N, N)
+        return multi_view_nce_from_logits(pairwise_logits(bank_rows.float(), embeddings.float()), tau, num_samples, eps)
+
+
+def multi_view_nce_from_logits(logits: Tensor, tau: float, num_samples: int, eps: float = 1e-7) -> Tensor:
+    """Binary NCE of (N, N, B, K + 1) pair logits, summed over the ordered pairs a != b, in float32."""
+    with float32_region(logits.device):
+        losses = nce_loss(torch.exp(logits.float() / tau), num_samples, eps)  # (N, N)
         num_peers = losses.shape[0]
         off_diagonal = 1.0 - torch.eye(num_peers, dtype=losses.dtype, device=losses.device)
         return (losses * off_diagonal).sum()
