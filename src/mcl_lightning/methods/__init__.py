@@ -3,5 +3,7 @@
 from mcl_lightning.methods.base import OKDMethod, get_method, list_methods, register_method
 from mcl_lightning.methods.independent import Independent
 from mcl_lightning.methods.mcl_okd import MCLOKD
+from mcl_lightning.methods.okddip import OKDDip
+from mcl_lightning.methods.one import ONE
 
-__all__ = ["Independent", "MCLOKD", "OKDMethod", "get_method", "list_methods", "register_method"]
+__all__ = ["Independent", "MCLOKD", "OKDDip", "OKDMethod", "ONE", "get_method", "list_methods", "register_method"]
