@@ -4,5 +4,7 @@ from mcl_lightning.methods.base import OKDMethod, get_method, list_methods, regi
 from mcl_lightning.methods.dml import DML
 from mcl_lightning.methods.independent import Independent
 from mcl_lightning.methods.mcl_okd import MCLOKD
+from mcl_lightning.methods.okddip import OKDDip
+from mcl_lightning.methods.one import ONE
 
-__all__ = ["DML", "Independent", "MCLOKD", "OKDMethod", "get_method", "list_methods", "register_method"]
+__all__ = ["DML", "Independent", "MCLOKD", "OKDDip", "OKDMethod", "ONE", "get_method", "list_methods", "register_method"]
