@@ -38,6 +38,7 @@ class NegativeSampler(nn.Module):
             raise ConfigError(f"unknown positive mode {positive!r}; choose one of: {', '.join(POSITIVE_MODES)}")
         self.k, self.positive, self.replacement = k, positive, replacement
         self.largest_pool = 0
+        self._table: Tensor | None = None  # first_distinct's scratch (not state: rebuilt on demand)
         # Training-set indices sorted by class, and where each class starts in that order. Derived
         # from the labels at every setup, so kept out of checkpoints (persistent=False).
         self.register_buffer("order", torch.empty(0, dtype=torch.long), persistent=False)
@@ -64,7 +65,7 @@ class NegativeSampler(nn.Module):
     def forward(self, indices: Tensor, labels: Tensor) -> Tensor:
         if self.order.numel() == 0:
             raise RuntimeError("NegativeSampler.bind(train_labels) must be called before sampling")
-        # index_select / take instead of advanced indexing: the latter is far slower on CPU.
+        # index_select instead of advanced indexing or take: both are several times slower on CPU.
         start = self.class_start.index_select(0, labels)  # (B,)
         count = self.class_start.index_select(0, labels + 1) - start
         pool = len(self.order) - count  # (B,) negatives per anchor
@@ -80,7 +81,7 @@ class NegativeSampler(nn.Module):
             pos = keys.topk(self.k, dim=1, largest=False, sorted=False).indices
         # Position p in the pool skips the anchor's class block [start, start + count).
         pos = pos + count[:, None] * (pos >= start[:, None])
-        negatives = torch.take(self.order, pos)
+        negatives = self.order.index_select(0, pos.view(-1)).view(pos.shape)
         if self.positive == "exact":
             positive = indices
         else:
@@ -90,17 +91,56 @@ class NegativeSampler(nn.Module):
     def _distinct_from_draws(self, pool: Tensor, batch: int, device: torch.device) -> Tensor:
         """K distinct positions per row from ``draws`` i.i.d. uniform draws (memory ~ K, not the pool).
 
-        The set of distinct values among i.i.d. uniform draws is, given its size, a uniform subset of
-        the pool (the draw is symmetric under permutations of the pool), so K of its members picked
-        at random form a uniform K-subset. ``draws`` leaves at least K distinct values in every row
-        except with probability below 1e-15 (see ``distinct_draws``).
+        The first K distinct values of an i.i.d. uniform sequence are a sample without replacement:
+        a uniform K-subset of the pool, in uniformly random order. ``draws`` leaves at least K
+        distinct values in every row except with probability below 1e-15 (see ``distinct_draws``).
+        First occurrences are found with a (B, pool) table of first positions when that table is
+        small (no sort: at K = 16384 on CIFAR about 20x cheaper on CPU than sorting the draws), and
+        by sorting the draws otherwise (then K of the distinct values are picked with random keys,
+        which is again a uniform K-subset).
         """
         draws = (torch.rand(batch, self.draws, device=device) * pool[:, None]).long()
+        size = batch * self.largest_pool
+        if size <= FIRST_POSITION_TABLE_LIMIT:
+            table = self._table
+            if table is None or table.device != device or table.numel() < size:  # metadata only
+                table = self._table = torch.full((size,), _EMPTY, dtype=torch.int32, device=device)
+            return first_distinct(draws, self.k, self.largest_pool, table)
         draws, _ = draws.sort(dim=1)
         repeated = torch.zeros_like(draws, dtype=torch.bool)
         repeated[:, 1:] = draws[:, 1:] == draws[:, :-1]
         keys = torch.rand(batch, self.draws, device=device).masked_fill_(repeated, 2.0)
         return draws.gather(1, keys.topk(self.k, dim=1, largest=False, sorted=False).indices)
+
+
+FIRST_POSITION_TABLE_LIMIT = 1 << 24  # entries (int32) of the first-position table: 64 MB
+_EMPTY = torch.iinfo(torch.int32).max  # a table entry no value has claimed
+
+
+def first_distinct(values: Tensor, k: int, bound: int, table: Tensor | None = None) -> Tensor:
+    """The first ``k`` distinct entries of each row of ``values`` (B, M), in order; ints in [0, bound).
+
+    Fixed shapes, no sort, no host sync: a (B, bound) table receives each value's first column
+    (``scatter_reduce`` amin, deterministic), an entry is a first occurrence where the table points
+    back at it, and a running count sends the first ``k`` of them to their output slots. Rows with
+    fewer than ``k`` distinct entries leave zeros in the missing slots.
+
+    ``table``: optional int32 scratch of at least B * bound entries, all ``_EMPTY``; it is left
+    that way (only the touched entries are reset), so one allocation serves every call.
+    """
+    batch, m = values.shape
+    device = values.device
+    flat = (values + torch.arange(batch, device=device)[:, None] * bound).view(-1)
+    column = torch.arange(m, device=device, dtype=torch.int32).repeat(batch)
+    scratch = table is not None
+    table = table[: batch * bound] if scratch else torch.full((batch * bound,), _EMPTY, dtype=torch.int32, device=device)
+    table.scatter_reduce_(0, flat, column, reduce="amin")
+    is_first = (table.index_select(0, flat) == column).view(batch, m)
+    if scratch:
+        table.index_fill_(0, flat, _EMPTY)
+    rank = is_first.cumsum(1)
+    slot = torch.where(is_first & (rank <= k), rank - 1, k)  # the rest go to a spare column
+    return values.new_zeros(batch, k + 1).scatter_(1, slot, values)[:, :k]
 
 
 def distinct_draws(k: int, pool: int, sigmas: float = 9.0) -> int:

@@ -5,8 +5,9 @@
 - ``online_teacher_kd``: T^2 KL from the detached mean of the peers' logits into the last peer
   (reference) or into every peer (``online_teacher_targets="all"``).
 - ``contrastive``: each peer's normalised projection scored against every *other* peer's memory
-  bank at [positive, K class-aware negatives], binary NCE (see ``contrast/nce.py``); the banks are
-  updated after scoring, under no-grad, before backward (reference order).
+  bank at [positive, K class-aware negatives], binary NCE (``contrast/nce.py`` has the formula,
+  ``contrast/fused.py`` computes it with its gradient in one pass); the banks are updated after
+  scoring, under no-grad, before backward (reference order).
 """
 
 from __future__ import annotations
@@ -16,14 +17,8 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from mcl_lightning.contrast import (
-    MemoryBank,
-    NegativeSampler,
-    dense_pairwise_logits,
-    float32_region,
-    multi_view_nce_from_logits,
-    pairwise_logits,
-)
+from mcl_lightning.contrast import MemoryBank, NegativeSampler, float32_region
+from mcl_lightning.contrast.fused import Workspace, fused_multi_view_nce
 from mcl_lightning.errors import ConfigError
 from mcl_lightning.methods.base import OKDMethod, register_method
 from mcl_lightning.methods.losses import cross_entropy_per_peer, distill_kl
@@ -95,6 +90,7 @@ class MCLOKD(OKDMethod):
         self.gamma, self.alpha, self.beta = gamma, alpha, beta
         self.projection_dim, self.bank_momentum, self.bank_scoring = projection_dim, bank_momentum, bank_scoring
         self.negatives = NegativeSampler(nce_k, positive, negatives_with_replacement)
+        self._workspace = Workspace()  # scratch buffers of the contrastive term (not state)
 
     def build(self, spec: PeerSpec) -> None:
         self.heads = nn.ModuleList(ProjectionHead(c, self.projection_dim) for c in spec.feature_dims)
@@ -118,13 +114,19 @@ class MCLOKD(OKDMethod):
         with float32_region(labels.device):  # heads, scores and bank update all in float32
             z = torch.stack([head(f.float()) for head, f in zip(self.heads, features)])  # (N, B, D)
             contrast_idx = self.negatives(indices, labels)  # (B, K + 1)
+            # Loss and its gradient in one pass (contrast/fused.py): nothing of the scores or the
+            # banks is kept for backward, so the in-place update below needs no snapshot.
+            workspace = Workspace.for_device(self._workspace, z.device)  # CPU: reused scratch buffers
             if self._dense_scoring(contrast_idx.shape):
-                # a snapshot: the product saves the bank for backward, and the update below is in place
-                logits = dense_pairwise_logits(self.memory_bank.memory.clone(), contrast_idx, z)
+                scoring, bank = "dense", self.memory_bank.memory  # the whole banks, one GEMM each
             else:
-                rows = self.memory_bank.gather(contrast_idx)  # (N, B, K + 1, D): one gather per bank
-                logits = pairwise_logits(rows, z)
-            loss = multi_view_nce_from_logits(logits, self.tau, self.memory_bank.num_samples, self.eps)
+                scoring = "gather"  # (N, B, K + 1, D): one gather for all banks
+                rows = None if workspace is None else workspace.get(
+                    "rows", (self.num_peers * contrast_idx.numel() * self.projection_dim,), z.dtype, z.device)
+                bank = self.memory_bank.gather(contrast_idx, out=rows)
+            loss = fused_multi_view_nce(
+                z, bank, contrast_idx, self.tau, self.memory_bank.num_samples, self.eps, scoring, workspace
+            )
             self.memory_bank.update(indices, z.detach())
         return loss
 

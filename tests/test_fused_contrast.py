@@ -1,0 +1,143 @@
+"""The one-pass contrastive loss (contrast/fused.py) and the sampler's first-occurrence table,
+against the plain autograd formula and against the distribution they claim."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mcl_lightning.contrast import MemoryBank, NegativeSampler, Workspace, fused_multi_view_nce, multi_view_nce
+from mcl_lightning.contrast.negatives import first_distinct
+from mcl_lightning.methods import MCLOKD
+
+from conftest import attached
+
+
+def _state(n_peers, k, batch=7, n_data=300, dim=32, seed=0, duplicates=False):
+    g = torch.Generator().manual_seed(seed)
+    bank = torch.nn.functional.normalize(torch.randn(n_peers, n_data, dim, generator=g), dim=-1)
+    z = torch.nn.functional.normalize(torch.randn(n_peers, batch, dim, generator=g), dim=-1)
+    if duplicates:
+        idx = torch.randint(0, n_data, (batch, k + 1), generator=g)
+    else:
+        idx = torch.stack([torch.randperm(n_data, generator=g)[: k + 1] for _ in range(batch)])
+    return bank, z, idx
+
+
+@pytest.mark.parametrize("n_peers", [2, 3, 4])
+@pytest.mark.parametrize("scoring", ["gather", "dense"])
+@pytest.mark.parametrize("duplicates", [False, True])
+def test_fused_loss_and_gradient_equal_the_autograd_formula(n_peers, scoring, duplicates):
+    bank, z, idx = _state(n_peers, k=150, duplicates=duplicates)
+    tau, n_data = 0.07, bank.shape[1]
+    z_ref = z.clone().requires_grad_(True)
+    expected = multi_view_nce(bank[:, idx], z_ref, tau, n_data)
+    expected.backward()
+    z_fused = z.clone().requires_grad_(True)
+    source = bank[:, idx] if scoring == "gather" else bank
+    workspace = Workspace()
+    for _ in range(2):  # the second call reuses the workspace's buffers
+        z_fused.grad = None
+        loss = fused_multi_view_nce(z_fused, source, idx, tau, n_data, scoring=scoring, workspace=workspace)
+        (2.5 * loss).backward()
+        torch.testing.assert_close(loss, expected, rtol=2e-6, atol=1e-5)
+        # both are float32: entries that cancel differ by rounding (about 1e-6 of the largest entry)
+        scale = z_ref.grad.abs().max()
+        torch.testing.assert_close(z_fused.grad, 2.5 * z_ref.grad, rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_fused_loss_keeps_nothing_of_the_scores_for_backward():
+    """Only dL/dz (N x B x D) is saved: the banks may change in place before backward."""
+    bank, z, idx = _state(3, k=40)
+    z = z.requires_grad_(True)
+    saved = []
+
+    def pack(tensor):
+        saved.append(tensor.shape)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = fused_multi_view_nce(z, bank, idx, 0.1, bank.shape[1], scoring="dense")
+    assert saved == [z.shape]
+    before = z.grad
+    bank.add_(1.0)  # an in-place bank update between forward and backward changes nothing
+    loss.backward()
+    assert before is None and torch.isfinite(z.grad).all()
+
+
+def test_fused_loss_needs_two_peers_and_a_known_scoring():
+    bank, z, idx = _state(2, k=5)
+    with pytest.raises(ValueError, match="two peers"):
+        fused_multi_view_nce(z[:1], bank[:1], idx, 0.1, 300)
+    with pytest.raises(ValueError, match="scoring"):
+        fused_multi_view_nce(z, bank, idx, 0.1, 300, scoring="sparse")
+
+
+def test_method_path_equals_the_autograd_formula_in_both_scorings():
+    """MCLOKD.contrastive (heads, sampler, fused loss, bank update) against the plain formula on the
+    same negatives, for gather and dense scoring, twice in a row (workspace reuse)."""
+    labels_all = torch.arange(600) % 10
+    for mode in ("gather", "dense"):
+        torch.manual_seed(0)
+        method = attached(MCLOKD(nce_k=200, projection_dim=16, bank_scoring=mode), 3, 12)
+        method.setup_data(labels_all)
+        for step in range(2):
+            features = torch.randn(3, 8, 12, requires_grad=True)
+            indices = torch.arange(8) * 7 + step
+            bank = method.memory_bank.memory.clone()
+            torch.manual_seed(10 + step)
+            idx = method.negatives(indices, labels_all[indices])
+            torch.manual_seed(10 + step)
+            loss = method.contrastive(features, labels_all[indices], indices)
+            loss.backward()
+            f_ref = features.detach().clone().requires_grad_(True)
+            z = torch.stack([head(f) for head, f in zip(method.heads, f_ref)])
+            expected = multi_view_nce(bank[:, idx], z, method.tau, 600)
+            expected.backward()
+            torch.testing.assert_close(loss, expected, rtol=2e-6, atol=1e-5)
+            torch.testing.assert_close(features.grad, f_ref.grad, rtol=1e-4, atol=1e-5 * f_ref.grad.abs().max())
+
+
+def test_memory_bank_gather_into_a_buffer():
+    bank = MemoryBank(3, 50, 8)
+    idx = torch.randint(0, 50, (4, 6))
+    out = torch.full((3 * 24 * 8,), float("nan"))
+    rows = bank.gather(idx, out=out)
+    assert rows.data_ptr() == out.data_ptr() and torch.equal(rows, bank.gather(idx))
+
+
+def test_first_distinct_keeps_the_first_k_distinct_values_in_order():
+    values = torch.tensor([[3, 3, 1, 4, 1, 5, 9, 2, 6], [0, 0, 0, 7, 7, 1, 0, 2, 8]])
+    assert first_distinct(values, 4, 10).tolist() == [[3, 1, 4, 5], [0, 7, 1, 2]]
+    table = torch.full((2 * 10,), torch.iinfo(torch.int32).max, dtype=torch.int32)
+    assert first_distinct(values, 4, 10, table).tolist() == [[3, 1, 4, 5], [0, 7, 1, 2]]
+    assert (table == torch.iinfo(torch.int32).max).all()  # the scratch is left clean for the next call
+    g = torch.Generator().manual_seed(0)
+    big = torch.randint(0, 1000, (16, 900), generator=g)
+    out = first_distinct(big, 300, 1000)
+    for row, picked in zip(big.tolist(), out.tolist()):
+        expected = list(dict.fromkeys(row))[:300]
+        assert picked == expected
+
+
+def test_sampler_table_path_draws_uniform_subsets_in_random_order():
+    """The table path (small pools) gives distinct, other-class negatives, every candidate equally
+    often, and every position of the row equally likely to hold a given candidate."""
+    labels_all = torch.arange(500) % 10  # 450 negatives per anchor
+    sampler = NegativeSampler(k=150)
+    sampler.bind(labels_all)
+    assert sampler.draws and 64 * sampler.largest_pool <= (1 << 24)
+    torch.manual_seed(0)
+    anchor = torch.zeros(3000, dtype=torch.long)
+    idx = sampler(anchor, labels_all[anchor])[:, 1:]
+    assert all(len(set(row)) == 150 for row in idx[:50].tolist())
+    assert (labels_all[idx] != 0).all()
+    counts = torch.bincount(idx.flatten(), minlength=500)[labels_all != 0].float()
+    expected = 3000 * 150 / 450  # 1000 each
+    assert counts.min() > expected - 6 * math.sqrt(expected) and counts.max() < expected + 6 * math.sqrt(expected)
+    # order within rows: candidate 1's column is uniform over the 150 columns
+    cols = (idx == 1).float().argmax(1)[(idx == 1).any(1)]
+    hist = torch.bincount(cols // 15, minlength=10).float()
+    assert hist.min() > 0.6 * hist.mean() and hist.max() < 1.4 * hist.mean()
