@@ -24,6 +24,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from mcl_lightning.errors import ConfigError, UserError
 from mcl_lightning.methods import OKDMethod
 from mcl_lightning.models import PeerNetwork
+from mcl_lightning.perf import apply_perf
 from mcl_lightning.results import format_table, nest_metrics, summarise, write_results
 from mcl_lightning.system import MONITOR, OKDSystem
 
@@ -42,6 +43,7 @@ def build_network(cfg: DictConfig) -> tuple[PeerNetwork, OKDMethod]:
 def build(cfg: DictConfig, run_dir: Path) -> tuple[L.LightningDataModule, OKDSystem, L.Trainer, ModelCheckpoint]:
     """Instantiate data, peers, method, system and trainer from a composed config."""
     peers, method = build_network(cfg)  # before the data: a config mistake costs no loading time
+    peers, method = apply_perf(peers, method, cfg.get("perf"))  # speed switches (perf.*), maths unchanged
     datamodule = instantiate(cfg.data)
     system = OKDSystem(peers, method, num_classes=datamodule.num_classes, **OmegaConf.to_container(cfg.optim, resolve=True))
     # A resumed run keeps writing to the checkpoint's own folder: ModelCheckpoint restores its best

@@ -9,6 +9,7 @@ from mcl_lightning.data.augment import (
     random_crop_flip,
 )
 from mcl_lightning.data.cifar import CIFARDataModule, InMemoryDataset, stratified_split
+from mcl_lightning.data.resident import DeviceResidentLoader
 
 __all__ = [
     "CIFAR10_MEAN",
@@ -16,6 +17,7 @@ __all__ = [
     "CIFAR100_MEAN",
     "CIFAR100_STD",
     "CIFARDataModule",
+    "DeviceResidentLoader",
     "InMemoryDataset",
     "normalize",
     "random_crop_flip",

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import CIFAR10, CIFAR100
 from torchvision.datasets.utils import download_and_extract_archive
 
+from mcl_lightning.data.resident import DeviceResidentLoader
 from mcl_lightning.data.augment import (
     CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, normalize, random_crop_flip,
 )
@@ -135,7 +136,7 @@ class CIFARDataModule(lightning.LightningDataModule):
                  num_classes: int | None = None, batch_size: int = 64, eval_batch_size: int = 256,
                  num_workers: int = 0, val_split: int | float = 0, split_seed: int = 0,
                  download: bool = True, check_integrity: bool = True, augment: bool = True,
-                 pin_memory: bool = False, drop_last: bool = False) -> None:
+                 pin_memory: bool = False, drop_last: bool = False, device_resident: bool = False) -> None:
         super().__init__()
         if dataset not in _SPECS:
             raise ConfigError(f"data.dataset={dataset!r} is not supported; choose one of {sorted(_SPECS)}.")
@@ -157,6 +158,7 @@ class CIFARDataModule(lightning.LightningDataModule):
         self.num_workers, self.val_split, self.split_seed = num_workers, val_split, split_seed
         self.download, self.check_integrity, self.augment = download, check_integrity, augment
         self.pin_memory, self.drop_last = pin_memory, drop_last
+        self.device_resident = device_resident  # training set on the training device (data/resident.py)
         self.mean, self.std = self.spec.mean, self.spec.std
         self.per_device_batch_size = batch_size
         self.classes: list[str] | None = None
@@ -227,8 +229,20 @@ class CIFARDataModule(lightning.LightningDataModule):
         if self.train_dataset is None:  # decode once; later stages reuse the tensors
             self._load()
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self._require(self.train_dataset), self.per_device_batch_size, True, self.drop_last)
+    def train_dataloader(self) -> DataLoader | DeviceResidentLoader:
+        dataset = self._require(self.train_dataset)
+        if self.device_resident:
+            return self._resident_loader(dataset)
+        return self._loader(dataset, self.per_device_batch_size, True, self.drop_last)
+
+    def _resident_loader(self, dataset: InMemoryDataset) -> DeviceResidentLoader:
+        """The training set on the training device, same batches as the DataLoader (one device only)."""
+        trainer = self.trainer
+        if trainer is not None and trainer.world_size > 1:
+            raise ConfigError("data.device_resident=true serves one device; set it false under DDP")
+        device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+        return DeviceResidentLoader(dataset.images, dataset.labels, self.per_device_batch_size, device,
+                                    shuffle=True, drop_last=self.drop_last)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self._require(self.val_dataset), self.eval_batch_size, False, False)
