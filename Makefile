@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DATA_ROOT ?= $(or $(MCL_DATA_ROOT),../shared/data)
 
-.PHONY: install test test-all train benchmark clean
+.PHONY: install test test-all train bench bench-gpu benchmark clean
 
 install:
 	$(PYTHON) -m venv $(VENV)
@@ -20,8 +20,17 @@ test-all:
 train:
 	$(PY) -m mcl_lightning.train peers=4 backbone=resnet56 data.root=$(DATA_ROOT)
 
-benchmark:
-	$(PY) benchmarks/throughput.py --data-root $(DATA_ROOT)
+# Throughput of every method and the data path against the plain cross-entropy floor, in one
+# run (python -m mcl_lightning.bench; docs/benchmarks.md). Under 5 minutes on 2 CPU cores.
+bench:
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m mcl_lightning.bench --data-root $(DATA_ROOT) --json outputs/bench/cpu.json
+
+# The whole GPU table (paper batch, batch 256, fused vs looped peers, eager baseline) in under
+# 5 minutes; commit its JSON and the card's name into docs/benchmarks.md.
+bench-gpu:
+	$(PY) -m mcl_lightning.bench --preset gpu --device cuda --data-root $(DATA_ROOT) --json outputs/bench/gpu.json
+
+benchmark: bench
 
 clean:
 	rm -rf outputs multirun lightning_logs .pytest_cache build dist

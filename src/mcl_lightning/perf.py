@@ -90,9 +90,11 @@ def apply_perf(
         peers.to(memory_format=torch.channels_last)
         peers.register_forward_pre_hook(_channels_last_input)
     if mode is not None:
-        peers.compile(mode=mode, backend=opts.compile_backend)
+        # modes are inductor settings; other backends (aot_eager, eager: debugging, CPU tests) take none
+        kwargs = {"mode": mode} if opts.compile_backend == "inductor" else {}
+        peers.compile(backend=opts.compile_backend, **kwargs)
         if opts.compile_method:
-            method.compile(mode=mode, backend=opts.compile_backend)
+            method.compile(backend=opts.compile_backend, **kwargs)
     return peers, method
 
 

@@ -54,7 +54,11 @@ class Workspace:
 
     @staticmethod
     def for_device(workspace: "Workspace | None", device: torch.device) -> "Workspace | None":
-        return workspace if device.type == "cpu" else None
+        """``workspace`` on CPU in eager mode; None on GPUs and under torch.compile (which plans
+        its own buffers)."""
+        if device.type != "cpu" or torch.compiler.is_compiling():
+            return None
+        return workspace
 
     def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
         numel = math.prod(shape)
@@ -137,7 +141,7 @@ class _FusedMultiViewNCE(torch.autograd.Function):
                 scores.zero_()  # reuse the (N_a, N - 1, B, N_data) buffer for the scattered gradient
                 scores.scatter_add_(3, index, x)
                 grad_others = torch.matmul(scores.view(n, (n - 1) * batch, -1), bank)
-            grad_z = torch.zeros_like(z).index_add_(0, others, grad_others.reshape(n * (n - 1), batch, dim))
+            grad_z = torch.zeros_like(z).index_add(0, others, grad_others.reshape(n * (n - 1), batch, dim))
             ctx.save_for_backward(grad_z)
         return loss
 
