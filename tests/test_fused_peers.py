@@ -123,3 +123,18 @@ def test_what_cannot_be_fused_is_a_clear_error():
     with pytest.raises(ConfigError, match="cannot fuse Upsample"):
         FusedPeerNetwork.from_peers(PeerNetwork([odd, copy.deepcopy(odd)], [torch.nn.Linear(8, 3)] * 2, feature_dims=[8, 8]))
     assert create_backbone("resnet20", num_classes=10) is not None
+
+
+def test_fused_step_never_reads_values_back_to_the_host():
+    """On the meta device any value read back to the host raises: the fused forward, MCL-OKD's
+    loss and the backward need none (the step stays free of synchronisation on a GPU)."""
+    _, fused = _pair("resnet20", peers=2, topology="independent")
+    method = MCLOKD(nce_k=16)
+    method.attach(fused.spec())
+    method.setup_data(torch.arange(200) % 10)
+    fused, method = fused.to("meta"), method.to("meta")
+    images = torch.empty(4, 3, 32, 32, device="meta")
+    labels = torch.empty(4, dtype=torch.long, device="meta")
+    losses = method(fused(images), labels, torch.empty(4, dtype=torch.long, device="meta"))
+    torch.stack(list(losses.values())).sum().backward()
+    assert fused.classifier_weight.grad.device.type == "meta"

@@ -14,9 +14,11 @@ In one process, on one device, with the same peer network for every row:
 5. **peak memory** of a training step (CPU: max RSS delta; GPU: max allocated), and of the
    contrastive term alone at the reference's K = 16384 against the reference's gathered tensors.
 
-Rows run interleaved (floor, rows..., then again) ``--repeats`` times; each figure is the median
-over repeats and each ratio the median of the per-repeat ratios to that repeat's floor, so slow
-phases of a shared machine hit all rows alike. ``--json`` writes every figure and the settings.
+Rows run interleaved (floor, rows..., then again) ``--repeats`` times, and the floor once more at
+the end; each figure is the median over repeats, and each ratio the median of the per-repeat
+ratios to the floor interpolated between the floor runs before and after the row (by its position
+in the repeat), so a shared machine that gets busier or quieter during a run does not favour the
+rows that ran late. ``--json`` writes every figure and the settings.
 
     python -m mcl_lightning.bench                       # make bench: CPU, the settings
     python -m mcl_lightning.bench --preset gpu          # make bench-gpu: the whole GPU table
@@ -464,8 +466,10 @@ def run_table(settings: Settings, dm: CIFARDataModule, deadline: float, log: Cal
     syncs: dict[str, list[int]] = {row.label: [] for row in rows}
     failed: dict[str, str] = {}
     repeat_seconds: list[float] = []
+    floor_row = rows[0]
     for repeat in range(settings.repeats):
-        if repeat and time.monotonic() + max(repeat_seconds) > deadline:
+        # a repeat, then the closing floor run, must fit in what is left
+        if repeat and time.monotonic() + max(repeat_seconds) * (1 + 1 / len(rows)) > deadline:
             log(f"  time budget: stopping after {repeat} of {settings.repeats} repeats")
             break
         started = time.monotonic()
@@ -483,15 +487,20 @@ def run_table(settings: Settings, dm: CIFARDataModule, deadline: float, log: Cal
         repeat_seconds.append(time.monotonic() - started)
         log(f"  repeat {repeat + 1}: {repeat_seconds[-1]:.0f} s")
     results["repeats_done"] = len(repeat_seconds)
+    # A closing floor run: each row's ratio uses the floor interpolated between the runs before and
+    # after it (by its position in the repeat), so a machine getting busier or quieter during a
+    # repeat does not favour the rows that ran late.
+    runs[floor_row.label].append(bench.run_plain(floor_row))
 
     images = settings.steps * settings.batch_size
-    floor = runs[rows[0].label]
-    for row in rows:
+    floor = [f for f, _ in runs[floor_row.label]]
+    for position, row in enumerate(rows):
         if row.label in failed or not runs[row.label]:
             continue
         seconds = [s for s, _ in runs[row.label]]
         peaks = [p for _, p in runs[row.label] if p is not None]
-        ratios = [f / s for (f, _), s in zip(floor, seconds)]
+        w = position / len(rows)
+        ratios = [((1 - w) * floor[r] + w * floor[r + 1]) / sec for r, sec in enumerate(seconds[:len(floor) - 1])]
         entry = {
             "name": row.label, "method": row.method or "cross-entropy only", "options": row.options,
             "kind": "plain loop" if row.plain else "lightning",
