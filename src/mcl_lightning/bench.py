@@ -226,40 +226,39 @@ class PeakMemory:
 
 
 class StepTimer(L.Callback):
-    """Times optimizer steps ``warmup`` .. ``total - 1`` of a Trainer run, and their peak memory."""
+    """Times optimizer steps ``warmup`` .. ``total - 1`` of a Trainer run, and their peak memory;
+    on CUDA also counts the synchronising calls made inside them (``torch.cuda.set_sync_debug_mode``)."""
 
     def __init__(self, warmup: int, total: int, device: torch.device) -> None:
         self.warmup, self.total, self.device = warmup, total, device
         self.start, self.elapsed, self.peak = 0.0, float("nan"), None
         self.memory = PeakMemory(device)
+        self.host_syncs: int | None = None
+        self._catch: Any = None
+        self._caught: list[warnings.WarningMessage] = []
 
     def on_train_batch_start(self, trainer: L.Trainer, *_: Any) -> None:
         if trainer.global_step == self.warmup:
             self.memory.start()
             sync(self.device)
+            if self.device.type == "cuda":
+                self._catch = warnings.catch_warnings(record=True)
+                self._caught = self._catch.__enter__()
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
             self.start = time.perf_counter()
 
     def on_train_batch_end(self, trainer: L.Trainer, *_: Any) -> None:
         if trainer.global_step == self.total:
+            if self._catch is not None:
+                torch.cuda.set_sync_debug_mode("default")
             sync(self.device)
             self.elapsed = time.perf_counter() - self.start
             self.peak = self.memory.stop()
-
-
-@contextlib.contextmanager
-def count_host_syncs(device: torch.device, sink: list[int]) -> Iterator[None]:
-    """On CUDA, count synchronising calls (torch.cuda.set_sync_debug_mode) inside the block."""
-    if device.type != "cuda":
-        yield
-        return
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            yield
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    sink.append(sum("synchroniz" in str(w.message) for w in caught))
+            if self._catch is not None:
+                self._catch.__exit__(None, None, None)
+                self.host_syncs = sum("synchroniz" in str(w.message) for w in self._caught)
+                self._catch = None
 
 
 # -- one table --------------------------------------------------------------------------------
@@ -315,8 +314,9 @@ class Bench:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def run_plain(self, row: RowSpec) -> tuple[float, int | None]:
-        """Seconds of the timed steps of a hand-written loop, and their peak memory."""
+    def run_plain(self, row: RowSpec, profiler: Any = None) -> tuple[float, int | None]:
+        """Seconds of the timed steps of a hand-written loop, and their peak memory (``profiler``:
+        a torch.profiler.profile, started with the timed steps and stopped after them)."""
         peers, method = self.method(row)
         L.seed_everything(SEED, verbose=False)
         peers.train()
@@ -334,6 +334,8 @@ class Bench:
             if step == self.s.warmup:  # as the Trainer side: timing starts with this step's batch ready
                 memory.start()
                 sync(self.device)
+                if profiler is not None:
+                    profiler.start()
                 start = time.perf_counter()
             with self.autocast():
                 output = peers(images)
@@ -345,7 +347,10 @@ class Bench:
             loss.backward()
             optimizer.step()
         sync(self.device)
-        return time.perf_counter() - start, memory.stop()
+        elapsed = time.perf_counter() - start
+        if profiler is not None:
+            profiler.stop()
+        return elapsed, memory.stop()
 
     def run_lightning(self, row: RowSpec, syncs: list[int] | None = None) -> tuple[float, int | None]:
         peers, method = self.method(row)
@@ -359,8 +364,9 @@ class Bench:
             precision="bf16-mixed" if self.s.precision == "bf16" else "32-true", callbacks=[timer],
             benchmark=True if self.device.type == "cuda" else None,
         )
-        with count_host_syncs(self.device, syncs) if syncs is not None else contextlib.nullcontext():
-            trainer.fit(system, datamodule=self.dm)
+        trainer.fit(system, datamodule=self.dm)
+        if syncs is not None and timer.host_syncs is not None:
+            syncs.append(timer.host_syncs)
         return timer.elapsed, timer.peak
 
     def data_path(self, k: int | None, batches: int) -> float:
@@ -414,20 +420,21 @@ class Bench:
         }
 
     def profile(self, row: RowSpec, steps: int = 2) -> list[dict[str, Any]]:
-        """torch.profiler's top entries (self time) for ``steps`` plain-loop steps of ``row``."""
+        """torch.profiler's top entries (self time per step) over ``steps`` plain-loop steps of ``row``
+        (after one warm-up step, set-up excluded)."""
         from torch.profiler import ProfilerActivity, profile
 
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
         probe = replace(self.s, warmup=1, steps=steps)
         bench = Bench(probe, self.dm)
         bench.networks = self.networks
-        with profile(activities=activities) as prof:
-            bench.run_plain(RowSpec(row.label, row.method, row.options, plain=True))
+        prof = profile(activities=activities)
+        bench.run_plain(RowSpec(row.label, row.method, row.options, plain=True), profiler=prof)
         key = "self_device_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
         events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
         total = sum(getattr(e, key) for e in events) or 1.0
         return [
-            {"name": e.key, "self_ms_per_step": getattr(e, key) / 1000 / (steps + 1), "calls": e.count,
+            {"name": e.key, "self_ms_per_step": getattr(e, key) / 1000 / steps, "calls": e.count // steps,
              "percent": 100 * getattr(e, key) / total}
             for e in events[:12]
         ]
