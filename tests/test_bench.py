@@ -42,24 +42,37 @@ def test_tiny_benchmark_end_to_end(tmp_path, data_root, capsys):
     assert "x floor" in out and "mcl_okd K=64" in out and "contrastive term alone" in out
 
 
-def test_gpu_preset_runs_on_cpu_with_tiny_settings(tmp_path, data_root):
-    """`make bench-gpu`'s code path (bf16 autocast, channels_last, compile, device-resident data,
-    fused peers, several tables) on the CPU, shrunk; CUDA graphs (reduce-overhead) and the CUDA
-    sync counter only exist on a GPU and are skipped here (compile uses the aot_eager backend)."""
+GPU_DRY_RUN = ["--preset", "gpu", "--device", "cpu", "--backbone", "resnet20", "--peers", "2", "--batch-size", "8",
+               "--steps", "1", "--warmup", "1", "--repeats", "1", "--data-batches", "1", "--memory-k", "64",
+               "--compile-backend", "aot_eager", "--rows", "mcl_okd@32", "--plain", ""]
+
+
+def _gpu_dry_run(tmp_path, data_root, *extra):
     path = tmp_path / "gpu.json"
-    bench.main(["--preset", "gpu", "--device", "cpu", "--data-root", str(data_root), "--json", str(path),
-                "--backbone", "resnet20", "--peers", "2", "--batch-size", "8", "--steps", "1", "--warmup", "1",
-                "--repeats", "1", "--data-batches", "1", "--memory-k", "64", "--compile-backend", "aot_eager",
-                "--rows", "mcl_okd@32", "--plain", ""])
-    results = json.loads(path.read_text())
-    tables = {t["settings"]["name"]: t for t in results["tables"]}
-    assert list(tables) == [s.name for s in bench.preset("gpu", "cpu")]
+    bench.main([*GPU_DRY_RUN, "--data-root", str(data_root), "--json", str(path), *extra])
+    tables = {t["settings"]["name"]: t for t in json.loads(path.read_text())["tables"]}
     for name, table in tables.items():
         assert "error" not in table, (name, table.get("error"))
         assert table["rows"], name
-    assert tables["gpu_paper_batch64"]["settings"]["precision"] == "bf16"
+    return tables
+
+
+def test_gpu_preset_runs_on_cpu_with_tiny_settings(tmp_path, data_root):
+    """`make bench-gpu`'s code path on the CPU, shrunk: bf16 autocast, channels_last, compile,
+    device-resident data, and fused peers. CUDA graphs (reduce-overhead) and the CUDA sync counter
+    only exist on a GPU and are not exercised here (compile uses the aot_eager backend)."""
+    tables = _gpu_dry_run(tmp_path, data_root, "--tables", "gpu_paper_batch64;gpu_independent_fused_b256")
+    assert list(tables) == ["gpu_paper_batch64", "gpu_independent_fused_b256"]
+    paper = tables["gpu_paper_batch64"]["settings"]
+    assert paper["precision"] == "bf16" and paper["channels_last"] and paper["device_resident"] and paper["compile"]
     assert tables["gpu_independent_fused_b256"]["settings"]["fuse_peers"]
     assert "compile_counters" in tables["gpu_paper_batch64"]
+
+
+@pytest.mark.slow
+def test_every_gpu_table_runs_on_cpu_with_tiny_settings(tmp_path, data_root):
+    tables = _gpu_dry_run(tmp_path, data_root)
+    assert list(tables) == [s.name for s in bench.preset("gpu", "cpu")]
 
 
 def test_row_syntax_and_settings_errors():
@@ -67,6 +80,8 @@ def test_row_syntax_and_settings_errors():
     assert bench.parse_row("mcl_okd:tau=0.07,bank_scoring=dense") == ("mcl_okd", {"tau": 0.07, "bank_scoring": "dense"})
     with pytest.raises(ConfigError):
         bench.parse_row("no_such_method")
+    with pytest.raises(ConfigError, match="no table"):
+        bench.settings_from_args(bench.parse_args(["--preset", "gpu", "--tables", "gpu_nothing"]))
     with pytest.raises(ConfigError, match="steps"):
         bench.settings_from_args(bench.parse_args(["--steps", "0"]))
     tables = bench.settings_from_args(bench.parse_args(["--preset", "gpu", "--device", "cuda"]))

@@ -673,6 +673,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=("cpu", "gpu", "tiny"), default=None,
                    help="cpu (default on CPU), gpu (default on CUDA: several tables), tiny (seconds)")
+    p.add_argument("--tables", help="only these tables of the preset, by name, separated by ';'")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--data-root", default=os.environ.get("MCL_DATA_ROOT") or str(Path.cwd().parent / "shared" / "data"))
     p.add_argument("--backbone")
@@ -704,6 +705,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def settings_from_args(args: argparse.Namespace) -> list[Settings]:
     name = args.preset or ("gpu" if args.device.startswith("cuda") else "cpu")
     tables = preset(name, args.device)
+    if args.tables:
+        wanted = [t for t in args.tables.split(";") if t]
+        unknown = sorted(set(wanted) - {t.name for t in tables})
+        if unknown:
+            raise ConfigError(f"preset {name} has no table {', '.join(unknown)}; it has {', '.join(t.name for t in tables)}")
+        tables = [t for t in tables if t.name in wanted]
     overrides: dict[str, Any] = {}
     for key in ("backbone", "peers", "topology", "batch_size", "steps", "warmup", "repeats", "precision", "compile",
                 "compile_backend", "channels_last", "fuse_peers", "device_resident", "data_batches", "memory_k"):
