@@ -18,7 +18,9 @@ Rows run interleaved (floor, rows..., then again) ``--repeats`` times, and the f
 the end; each figure is the median over repeats, and each ratio the median of the per-repeat
 ratios to the floor interpolated between the floor runs before and after the row (by its position
 in the repeat), so a shared machine that gets busier or quieter during a run does not favour the
-rows that ran late. ``--json`` writes every figure and the settings.
+rows that ran late. Ratios are given in wall time (``x floor``: throughput) and in process CPU
+time (``(cpu t)``: the work a step costs, which other processes on a shared machine disturb much
+less). ``--json`` writes every figure and the settings.
 
     python -m mcl_lightning.bench                       # make bench: CPU, the issue's settings
     python -m mcl_lightning.bench --preset gpu          # make bench-gpu: the whole GPU table
@@ -80,9 +82,9 @@ class Settings:
     batch_size: int = 64
     rows: tuple[str, ...] = DEFAULT_ROWS
     plain: tuple[str, ...] = ("mcl_okd@256",)  # also run as a hand-written loop (Lightning vs plain)
-    steps: int = 6
-    warmup: int = 2
-    repeats: int = 3
+    steps: int = 4
+    warmup: int = 1
+    repeats: int = 4
     precision: str = "32"  # 32 | bf16 (autocast; the contrastive term stays float32)
     compile: bool | str = False
     compile_backend: str = "inductor"
@@ -232,6 +234,7 @@ class StepTimer(L.Callback):
     def __init__(self, warmup: int, total: int, device: torch.device) -> None:
         self.warmup, self.total, self.device = warmup, total, device
         self.start, self.elapsed, self.peak = 0.0, float("nan"), None
+        self.cpu_start, self.cpu_elapsed = 0.0, float("nan")
         self.memory = PeakMemory(device)
         self.host_syncs: int | None = None
         self._catch: Any = None
@@ -246,6 +249,7 @@ class StepTimer(L.Callback):
                 self._caught = self._catch.__enter__()
                 warnings.simplefilter("always")
                 torch.cuda.set_sync_debug_mode("warn")
+            self.cpu_start = time.process_time()
             self.start = time.perf_counter()
 
     def on_train_batch_end(self, trainer: L.Trainer, *_: Any) -> None:
@@ -254,6 +258,7 @@ class StepTimer(L.Callback):
                 torch.cuda.set_sync_debug_mode("default")
             sync(self.device)
             self.elapsed = time.perf_counter() - self.start
+            self.cpu_elapsed = time.process_time() - self.cpu_start
             self.peak = self.memory.stop()
             if self._catch is not None:
                 self._catch.__exit__(None, None, None)
@@ -314,9 +319,9 @@ class Bench:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def run_plain(self, row: RowSpec, profiler: Any = None) -> tuple[float, int | None]:
-        """Seconds of the timed steps of a hand-written loop, and their peak memory (``profiler``:
-        a torch.profiler.profile, started with the timed steps and stopped after them)."""
+    def run_plain(self, row: RowSpec, profiler: Any = None) -> Run:
+        """Wall and CPU seconds of the timed steps of a hand-written loop, and their peak memory
+        (``profiler``: a torch.profiler.profile, started with the timed steps, stopped after them)."""
         peers, method = self.method(row)
         L.seed_everything(SEED, verbose=False)
         peers.train()
@@ -328,7 +333,7 @@ class Bench:
         optimizer = torch.optim.SGD(groups, **SGD)
         memory = PeakMemory(self.device)
         batches = self.batches()
-        total, start = self.s.warmup + self.s.steps, 0.0
+        total, start, cpu_start = self.s.warmup + self.s.steps, 0.0, 0.0
         for step in range(total):
             images, labels, indices = next(batches)
             if step == self.s.warmup:  # as the Trainer side: timing starts with this step's batch ready
@@ -336,6 +341,7 @@ class Bench:
                 sync(self.device)
                 if profiler is not None:
                     profiler.start()
+                cpu_start = time.process_time()
                 start = time.perf_counter()
             with self.autocast():
                 output = peers(images)
@@ -347,12 +353,12 @@ class Bench:
             loss.backward()
             optimizer.step()
         sync(self.device)
-        elapsed = time.perf_counter() - start
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
         if profiler is not None:
             profiler.stop()
-        return elapsed, memory.stop()
+        return Run(elapsed, cpu, memory.stop())
 
-    def run_lightning(self, row: RowSpec, syncs: list[int] | None = None) -> tuple[float, int | None]:
+    def run_lightning(self, row: RowSpec, syncs: list[int] | None = None) -> Run:
         peers, method = self.method(row)
         L.seed_everything(SEED, verbose=False)
         system = OKDSystem(peers, method, num_classes=self.dm.num_classes, scheduler="constant", **SGD)
@@ -367,7 +373,7 @@ class Bench:
         trainer.fit(system, datamodule=self.dm)
         if syncs is not None and timer.host_syncs is not None:
             syncs.append(timer.host_syncs)
-        return timer.elapsed, timer.peak
+        return Run(timer.elapsed, timer.cpu_elapsed, timer.peak)
 
     def data_path(self, k: int | None, batches: int) -> float:
         """images/s of loader + transfer + augmentation (+ negatives at K = k)."""
@@ -440,6 +446,13 @@ class Bench:
         ]
 
 
+@dataclass
+class Run:
+    wall: float  # seconds of the timed steps
+    cpu: float  # process CPU seconds over them (all threads)
+    peak: int | None  # peak memory, bytes
+
+
 class _NoMethod(OKDMethod):
     """apply_perf's method argument when only the peers are prepared."""
 
@@ -469,7 +482,7 @@ def run_table(settings: Settings, dm: CIFARDataModule, deadline: float, log: Cal
             results["skipped"].append({"name": "contrastive memory", "reason": str(error)})
     gc.collect()
 
-    runs: dict[str, list[tuple[float, int | None]]] = {row.label: [] for row in rows}
+    runs: dict[str, list[Run]] = {row.label: [] for row in rows}
     syncs: dict[str, list[int]] = {row.label: [] for row in rows}
     failed: dict[str, str] = {}
     repeat_seconds: list[float] = []
@@ -500,14 +513,20 @@ def run_table(settings: Settings, dm: CIFARDataModule, deadline: float, log: Cal
     runs[floor_row.label].append(bench.run_plain(floor_row))
 
     images = settings.steps * settings.batch_size
-    floor = [f for f, _ in runs[floor_row.label]]
+    floor = runs[floor_row.label]
+
+    def interpolated_ratios(position: int, runs_of_row: list[Run], attr: str) -> list[float]:
+        w = position / len(rows)
+        return [((1 - w) * getattr(floor[r], attr) + w * getattr(floor[r + 1], attr)) / getattr(run, attr)
+                for r, run in enumerate(runs_of_row[:len(floor) - 1])]
+
     for position, row in enumerate(rows):
         if row.label in failed or not runs[row.label]:
             continue
-        seconds = [s for s, _ in runs[row.label]]
-        peaks = [p for _, p in runs[row.label] if p is not None]
-        w = position / len(rows)
-        ratios = [((1 - w) * floor[r] + w * floor[r + 1]) / sec for r, sec in enumerate(seconds[:len(floor) - 1])]
+        seconds = [run.wall for run in runs[row.label]]
+        peaks = [run.peak for run in runs[row.label] if run.peak is not None]
+        ratios = interpolated_ratios(position, runs[row.label], "wall")
+        cpu_ratios = interpolated_ratios(position, runs[row.label], "cpu")
         entry = {
             "name": row.label, "method": row.method or "cross-entropy only", "options": row.options,
             "kind": "plain loop" if row.plain else "lightning",
@@ -516,6 +535,9 @@ def run_table(settings: Settings, dm: CIFARDataModule, deadline: float, log: Cal
             "ratio_to_floor": statistics.median(ratios),
             "images_per_s_runs": [images / s for s in seconds],
             "ratio_to_floor_runs": ratios,
+            # the same ratio in process CPU time: what each step costs, whatever else the machine runs
+            "ratio_to_floor_cpu_time": statistics.median(cpu_ratios),
+            "ratio_to_floor_cpu_time_runs": cpu_ratios,
             "peak_memory_bytes": max(peaks) if peaks else None,
             "peak_memory_kind": PeakMemory(device).kind,
         }
@@ -640,14 +662,15 @@ def format_table(table: dict[str, Any]) -> str:
         f"compile {s['compile']}, channels_last {s['channels_last']}, fused peers {s['fuse_peers']}, "
         f"data {'device-resident' if s['device_resident'] else 'loader'}; {s['steps']} timed steps after "
         f"{s['warmup']} warmup, {table['repeats_done']}/{s['repeats']} repeats, median",
-        f"{'row':<34} {'images/s':>10} {'ms/step':>9} {'x floor':>8} {'x plain':>8} {'peak MB':>9}",
+        f"{'row':<34} {'images/s':>10} {'ms/step':>9} {'x floor':>8} {'(cpu t)':>8} {'x plain':>8} {'peak MB':>9}",
     ]
     for r in table["rows"]:
         plain = r.get("ratio_to_plain_loop")
         peak = r["peak_memory_bytes"]
         lines.append(
             f"{r['name']:<34} {r['images_per_s']:>10.1f} {r['ms_per_step']:>9.1f} {r['ratio_to_floor']:>8.3f} "
-            f"{'' if plain is None else f'{plain:.3f}':>8} {'' if peak is None else f'{peak / 2**20:.0f}':>9}"
+            f"{r['ratio_to_floor_cpu_time']:>8.3f} {'' if plain is None else f'{plain:.3f}':>8} "
+            f"{'' if peak is None else f'{peak / 2**20:.0f}':>9}"
         )
     for r in table["data_path"]:
         lines.append(f"{'data: ' + r['name']:<34} {r['images_per_s']:>10.0f}")
@@ -693,6 +716,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device-resident", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--data-batches", type=int)
     p.add_argument("--memory-k", type=int, help="K of the contrastive-memory check (0: skip)")
+    p.add_argument("--data-k", help="K values of the data-path rows with negative sampling, separated by ';' ('' for none)")
     p.add_argument("--profile", default="none", help="none | auto (rows that miss a target) | row names separated by ';'")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     p.add_argument("--omp-wait-policy", choices=("passive", "active", "inherit"), default="passive",
@@ -721,6 +745,8 @@ def settings_from_args(args: argparse.Namespace) -> list[Settings]:
         overrides["rows"] = tuple(r for r in args.rows.split(";") if r)
     if args.plain is not None:
         overrides["plain"] = tuple(r for r in args.plain.split(";") if r)
+    if args.data_k is not None:
+        overrides["data_k"] = tuple(int(k) for k in args.data_k.split(";") if k)
     out = [replace(t, **overrides) for t in tables]
     for t in out:
         if t.steps < 1 or t.warmup < 1 or t.repeats < 1:
