@@ -13,7 +13,7 @@ from mcl_lightning.errors import ConfigError
 SETTING_FIELDS = {"backbone", "peers", "topology", "batch_size", "rows", "precision", "compile", "compile_backend",
                   "channels_last", "fuse_peers", "device_resident", "device", "steps", "warmup", "repeats", "statistic"}
 ROW_FIELDS = {"name", "method", "kind", "images_per_s", "ms_per_step", "ratio_to_floor", "images_per_s_runs",
-              "ratio_to_floor_runs", "peak_memory_bytes", "peak_memory_kind"}
+              "ratio_to_floor_runs", "ratio_to_floor_cpu_time", "peak_memory_bytes", "peak_memory_kind"}
 
 
 def test_tiny_benchmark_end_to_end(tmp_path, data_root, capsys):
