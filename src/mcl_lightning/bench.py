@@ -15,7 +15,8 @@ In one process, on one device, with the same peer network for every row:
    contrastive term alone at the reference's K = 16384 against the reference's gathered tensors.
 
 Rows run interleaved (floor, rows..., then again) ``--repeats`` times, and the floor once more at
-the end; each figure is the median over repeats, and each ratio the median of the per-repeat
+the end. A run's time is its median step time x its steps on CPU (a burst of other load spoils a
+step, not the run), its whole span on CUDA; each figure is the median over repeats, and each ratio the median of the per-repeat
 ratios to the floor interpolated between the floor runs before and after the row (by its position
 in the repeat), so a shared machine that gets busier or quieter during a run does not favour the
 rows that ran late. Ratios are given in wall time (``x floor``: throughput) and in process CPU
@@ -82,7 +83,7 @@ class Settings:
     batch_size: int = 64
     rows: tuple[str, ...] = DEFAULT_ROWS
     plain: tuple[str, ...] = ("mcl_okd@256",)  # also run as a hand-written loop (Lightning vs plain)
-    steps: int = 4
+    steps: int = 5
     warmup: int = 1
     repeats: int = 4
     precision: str = "32"  # 32 | bf16 (autocast; the contrastive term stays float32)
@@ -227,21 +228,48 @@ class PeakMemory:
         return None if peak is None else max(peak - self.base, 0)
 
 
+class Clock:
+    """Marks the end of every timed step (wall and process CPU time). On CPU a run's figure is the
+    median step times the step count: a burst of other load on a shared machine spoils a step or
+    two, not the run. On CUDA it is the whole span (timing single steps would need a
+    synchronisation per step, which stalls the GPU's pipeline)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.walls: list[float] = []
+        self.cpus: list[float] = []
+
+    def mark(self) -> None:
+        self.walls.append(time.perf_counter())
+        self.cpus.append(time.process_time())
+
+    def seconds(self) -> tuple[float, float]:
+        steps = len(self.walls) - 1
+        if steps < 1:
+            return float("nan"), float("nan")
+        if self.device.type == "cuda":
+            return self.walls[-1] - self.walls[0], self.cpus[-1] - self.cpus[0]
+        per_step = lambda marks: statistics.median(b - a for a, b in zip(marks, marks[1:]))  # noqa: E731
+        return per_step(self.walls) * steps, per_step(self.cpus) * steps
+
+
 class StepTimer(L.Callback):
-    """Times optimizer steps ``warmup`` .. ``total - 1`` of a Trainer run, and their peak memory;
-    on CUDA also counts the synchronising calls made inside them (``torch.cuda.set_sync_debug_mode``)."""
+    """Times optimizer steps ``warmup`` .. ``total - 1`` of a Trainer run (each from the end of the
+    previous one: its batch's loading and augmentation included), and their peak memory; on CUDA it
+    also counts the synchronising calls made inside them (``torch.cuda.set_sync_debug_mode``)."""
 
     def __init__(self, warmup: int, total: int, device: torch.device) -> None:
         self.warmup, self.total, self.device = warmup, total, device
-        self.start, self.elapsed, self.peak = 0.0, float("nan"), None
-        self.cpu_start, self.cpu_elapsed = 0.0, float("nan")
+        self.clock = Clock(device)
+        self.peak: int | None = None
         self.memory = PeakMemory(device)
         self.host_syncs: int | None = None
         self._catch: Any = None
         self._caught: list[warnings.WarningMessage] = []
 
-    def on_train_batch_start(self, trainer: L.Trainer, *_: Any) -> None:
-        if trainer.global_step == self.warmup:
+    def on_train_batch_end(self, trainer: L.Trainer, *_: Any) -> None:
+        step = trainer.global_step  # optimizer steps done, this one included
+        if step == self.warmup:
             self.memory.start()
             sync(self.device)
             if self.device.type == "cuda":
@@ -249,16 +277,14 @@ class StepTimer(L.Callback):
                 self._caught = self._catch.__enter__()
                 warnings.simplefilter("always")
                 torch.cuda.set_sync_debug_mode("warn")
-            self.cpu_start = time.process_time()
-            self.start = time.perf_counter()
-
-    def on_train_batch_end(self, trainer: L.Trainer, *_: Any) -> None:
-        if trainer.global_step == self.total:
+            self.clock.mark()
+        elif self.warmup < step < self.total:
+            self.clock.mark()
+        elif step == self.total:
             if self._catch is not None:
                 torch.cuda.set_sync_debug_mode("default")
             sync(self.device)
-            self.elapsed = time.perf_counter() - self.start
-            self.cpu_elapsed = time.process_time() - self.cpu_start
+            self.clock.mark()
             self.peak = self.memory.stop()
             if self._catch is not None:
                 self._catch.__exit__(None, None, None)
@@ -332,17 +358,11 @@ class Bench:
             groups += method.parameter_groups(dict(SGD))
         optimizer = torch.optim.SGD(groups, **SGD)
         memory = PeakMemory(self.device)
+        clock = Clock(self.device)
         batches = self.batches()
-        total, start, cpu_start = self.s.warmup + self.s.steps, 0.0, 0.0
+        total = self.s.warmup + self.s.steps
         for step in range(total):
             images, labels, indices = next(batches)
-            if step == self.s.warmup:  # as the Trainer side: timing starts with this step's batch ready
-                memory.start()
-                sync(self.device)
-                if profiler is not None:
-                    profiler.start()
-                cpu_start = time.process_time()
-                start = time.perf_counter()
             with self.autocast():
                 output = peers(images)
                 if method is None:
@@ -352,11 +372,21 @@ class Bench:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-        sync(self.device)
-        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+            # as the Trainer side: each timed step runs from the end of the previous one
+            if step == self.s.warmup - 1:
+                memory.start()
+                sync(self.device)
+                if profiler is not None:
+                    profiler.start()
+                clock.mark()
+            elif step >= self.s.warmup:
+                if step == total - 1:
+                    sync(self.device)
+                clock.mark()
         if profiler is not None:
             profiler.stop()
-        return Run(elapsed, cpu, memory.stop())
+        wall, cpu = clock.seconds()
+        return Run(wall, cpu, memory.stop())
 
     def run_lightning(self, row: RowSpec, syncs: list[int] | None = None) -> Run:
         peers, method = self.method(row)
@@ -373,7 +403,8 @@ class Bench:
         trainer.fit(system, datamodule=self.dm)
         if syncs is not None and timer.host_syncs is not None:
             syncs.append(timer.host_syncs)
-        return Run(timer.elapsed, timer.cpu_elapsed, timer.peak)
+        wall, cpu = timer.clock.seconds()
+        return Run(wall, cpu, timer.peak)
 
     def data_path(self, k: int | None, batches: int) -> float:
         """images/s of loader + transfer + augmentation (+ negatives at K = k)."""
@@ -448,8 +479,8 @@ class Bench:
 
 @dataclass
 class Run:
-    wall: float  # seconds of the timed steps
-    cpu: float  # process CPU seconds over them (all threads)
+    wall: float  # seconds of the timed steps (CPU: median step x steps)
+    cpu: float  # process CPU seconds over them (all threads; CPU: median step x steps)
     peak: int | None  # peak memory, bytes
 
 
