@@ -659,8 +659,10 @@ def check_targets(s: Settings, results: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def fused_target(tables: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """Fused independent peers against the per-peer loop at batch 256 (>= 1.5x), across two tables."""
+def fused_comparison(tables: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Fused independent peers against the per-peer loop (two tables of the gpu preset): images/s
+    of ``independent`` through Lightning, fused over looped. The issue's target (>= 1.5x) is for one
+    GPU at batch 256; elsewhere this is a comparison only."""
     names = {t["settings"]["name"]: t for t in tables}
     loop, fused = names.get("gpu_independent_loop_b256"), names.get("gpu_independent_fused_b256")
     if not (loop and fused and loop["rows"] and fused["rows"]):
@@ -669,8 +671,13 @@ def fused_target(tables: list[dict[str, Any]]) -> dict[str, Any] | None:
     a, b = get(loop), get(fused)
     if not a or not b:
         return None
-    return {"target": "independent topology: fused peers >= 1.5x the per-peer loop at batch 256",
-            "value": b / a, "goal": 1.5, "met": b / a >= 1.5, "by": b / a - 1.5}
+    batch, device = fused["settings"]["batch_size"], fused["settings"]["device"]
+    out = {"comparison": f"independent topology, batch {batch}, {device}: fused peers / per-peer loop",
+           "value": b / a, "loop_images_per_s": a, "fused_images_per_s": b}
+    if batch == 256 and device.startswith("cuda"):
+        out.update(target="fused peers >= 1.5x the per-peer loop at batch 256 (one GPU)", goal=1.5,
+                   met=b / a >= 1.5, by=b / a - 1.5)
+    return out
 
 
 # -- output -----------------------------------------------------------------------------------
@@ -842,10 +849,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results["tables"].append(result)
         if result["rows"] or result["data_path"]:
             print(format_table(result), flush=True)
-    fused = fused_target(results["tables"])
+    fused = fused_comparison(results["tables"])
     if fused:
-        results["targets"] = [fused]
-        print(f"target {'MET ' if fused['met'] else 'MISSED'} {fused['target']}: {fused['value']:.3f}", flush=True)
+        results["fused_vs_loop"] = fused
+        if "target" in fused:
+            print(f"target {'MET ' if fused['met'] else 'MISSED'} {fused['target']}: {fused['value']:.3f}", flush=True)
+        else:
+            print(f"{fused['comparison']}: {fused['value']:.3f}", flush=True)
     results["load_average_at_end"] = _loadavg()
     results["wall_seconds"] = time.monotonic() - started
     print(f"{results['device_name']} | torch {results['torch_version']} | lightning {results['lightning_version']} | "
