@@ -41,7 +41,6 @@ import ctypes
 import gc
 import json
 import logging
-import math
 import os
 import statistics
 import sys
@@ -61,7 +60,7 @@ from mcl_lightning.errors import ConfigError
 from mcl_lightning.methods import OKDMethod, get_method, list_methods
 from mcl_lightning.methods.losses import cross_entropy_per_peer
 from mcl_lightning.models import PeerLayout, PeerNetwork, PeerSpec
-from mcl_lightning.perf import PerfOptions, apply_perf
+from mcl_lightning.perf import PerfOptions, apply_perf, compile_module
 from mcl_lightning.system import OKDSystem
 
 SEED = 0
@@ -89,6 +88,7 @@ class Settings:
     precision: str = "32"  # 32 | bf16 (autocast; the contrastive term stays float32)
     compile: bool | str = False
     compile_backend: str = "inductor"
+    compile_method: bool = False  # also torch.compile each method's forward
     channels_last: bool = False
     fuse_peers: bool = False
     device_resident: bool = False
@@ -100,7 +100,7 @@ class Settings:
 
     def perf(self) -> PerfOptions:
         return PerfOptions(fuse_peers=self.fuse_peers, channels_last=self.channels_last, compile=self.compile,
-                           compile_backend=self.compile_backend)
+                           compile_backend=self.compile_backend, compile_method=self.compile_method)
 
 
 def preset(name: str, device: str) -> list[Settings]:
@@ -129,6 +129,8 @@ def preset(name: str, device: str) -> list[Settings]:
                      memory_k=0, data_k=(256,), steps=100, warmup=10, repeats=2, targets="none"),
             Settings(name="gpu_shared_fused_b64", rows=("mcl_okd@256",), plain=(), memory_k=0, data_k=(),
                      fuse_peers=True, targets="none", **{**fast, "repeats": 2}),
+            Settings(name="gpu_compiled_method_b64", rows=("mcl_okd@256",), plain=(), memory_k=0, data_k=(),
+                     compile_method=True, targets="none", **{**fast, "repeats": 2}),
         ]
     raise ConfigError(f"unknown preset {name!r}: cpu, gpu or tiny")
 
@@ -323,6 +325,8 @@ class Bench:
         method = get_method(row.method)(**row.options)
         peers = self.network(method.reference_layout)
         method.attach(peers.spec())
+        if self.s.compile_method:
+            compile_module(method, self.s.perf())  # a fresh method per run: compiled per run
         return peers, method
 
     def batches(self) -> Iterator[tuple[Tensor, Tensor, Tensor]]:

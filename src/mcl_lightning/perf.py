@@ -90,12 +90,20 @@ def apply_perf(
         peers.to(memory_format=torch.channels_last)
         peers.register_forward_pre_hook(_channels_last_input)
     if mode is not None:
-        # modes are inductor settings; other backends (aot_eager, eager: debugging, CPU tests) take none
-        kwargs = {"mode": mode} if opts.compile_backend == "inductor" else {}
-        peers.compile(backend=opts.compile_backend, **kwargs)
+        compile_module(peers, opts)
         if opts.compile_method:
-            method.compile(backend=opts.compile_backend, **kwargs)
+            compile_module(method, opts)
     return peers, method
+
+
+def compile_module(module: nn.Module, options: PerfOptions) -> None:
+    """``module.compile`` (in place) with the options' mode and backend; nothing when compile is off."""
+    mode = options.compile_mode
+    if mode is None:
+        return
+    # modes are inductor settings; other backends (aot_eager, eager: debugging, CPU tests) take none
+    kwargs = {"mode": mode} if options.compile_backend == "inductor" else {}
+    module.compile(backend=options.compile_backend, **kwargs)
 
 
 def describe(options: Mapping[str, Any] | PerfOptions | None) -> dict[str, Any]:
