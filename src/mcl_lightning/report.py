@@ -2,6 +2,7 @@
 
     python -m mcl_lightning.report multirun/2026-11-26/12-00-00
     python -m mcl_lightning.report outputs/ --out comparison   # writes comparison.md / comparison.csv
+    python -m mcl_lightning.report --curves multirun/2026-11-26/12-00-00   # curves.png in every run
 
 Runs that differ only in their seed are one row: mean ± sample std (n) of top-1 for the deployed
 peer (the last one, which ``mcl_lightning.export`` exports by default), the peer mean and the
@@ -200,8 +201,16 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("root", type=Path, help="a run directory, a sweep directory, or a results.json")
     parser.add_argument("--out", type=Path, help="output path without suffix (default: <root>/report)")
+    parser.add_argument("--curves", action="store_true",
+                        help="write curves.png (top-1 and loss terms per epoch) in every run below root instead")
     args = parser.parse_args(argv)
     try:
+        if args.curves:
+            from mcl_lightning.curves import plot_all
+
+            for path in plot_all(args.root):
+                print(path)
+            return
         rows, md, csv_path = report(args.root, args.out)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)

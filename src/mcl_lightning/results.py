@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from omegaconf import OmegaConf
+
 GROUPS_ORDER = ("peer_mean", "ensemble")
 
 
@@ -37,6 +39,47 @@ def summarise(history: list[dict[str, float]]) -> dict[str, Any]:
         "best_epoch": int(best_entry["epoch"]),
         "max_over_epochs": nest_metrics(maxima),
     }
+
+
+def run_results(cfg: Any, system: Any, trainer: Any, datamodule: Any, checkpoint: Any, error: Exception | None = None,
+                failure: dict[str, Any] | None = None, last_good: Path | None = None) -> dict[str, Any]:
+    """The results.json of a run (``status`` "finished", or "failed" with ``failure`` recorded)."""
+    summary = summarise(system.val_history)
+    last = checkpoint.last_model_path or None
+    if error is not None and last_good is not None and Path(last_good).is_file():
+        last = str(last_good)  # the newest checkpoint written before the failure
+    results = {
+        "status": "failed" if error is not None else "finished",
+        "method": system.method.name,
+        "backbone": backbone_name(system.peers, cfg),
+        "peers": system.peers.num_peers,
+        "topology": system.peers.topology,
+        "ensemble": system.method.ensemble_description,
+        "epochs_run": trainer.current_epoch,
+        "global_batch_size": datamodule.batch_size * trainer.accumulate_grad_batches,
+        "world_size": trainer.world_size,
+        "learning_rate": cfg.optim.lr,
+        "seed": cfg.seed,
+        "selection": datamodule.selection_note,
+        "final": summary["final"],
+        "best": summary["best"],
+        "best_epoch": summary["best_epoch"],
+        "max_over_epochs": summary["max_over_epochs"],
+        "test": nest_metrics(system.test_results),
+        "reference": OmegaConf.to_container(cfg.reference, resolve=True) if cfg.get("reference") else None,
+        "checkpoints": {"last": last, "best": checkpoint.best_model_path or None},
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+    if error is not None:
+        results["failure"] = {**(failure or {}), "message": str(error)}
+    return results
+
+
+def backbone_name(peers: Any, cfg: Any) -> str:
+    """The backbone's name, or ``a+b+c`` for heterogeneous peers."""
+    spec = peers.build_spec
+    names = [spec["backbone"]] if spec and isinstance(spec["backbone"], str) else (spec or {}).get("backbone")
+    return "+".join(names) if names else str(cfg.backbone.name)
 
 
 def write_results(path: str | Path, results: dict[str, Any]) -> Path:

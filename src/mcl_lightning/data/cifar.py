@@ -25,7 +25,9 @@ from torchvision.datasets.utils import download_and_extract_archive
 from mcl_lightning.data.augment import (
     CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, normalize, random_crop_flip,
 )
+from mcl_lightning.data.resumable import ResumableLoader, ResumableSampler
 from mcl_lightning.errors import ConfigError, DatasetIntegrityError, DatasetNotFoundError
+from mcl_lightning.paths import default_data_root
 
 __all__ = ["CIFARDataModule", "InMemoryDataset", "stratified_split"]
 
@@ -158,7 +160,7 @@ class CIFARDataModule(lightning.LightningDataModule):
         self.download, self.check_integrity, self.augment = download, check_integrity, augment
         self.pin_memory, self.drop_last = pin_memory, drop_last
         self.mean, self.std = self.spec.mean, self.spec.std
-        self.per_device_batch_size = batch_size
+        self.per_device_batch_size, self.world_size = batch_size, 1
         self.classes: list[str] | None = None
         self.train_dataset: InMemoryDataset | None = None
         self.val_dataset: InMemoryDataset | None = None
@@ -190,13 +192,9 @@ class CIFARDataModule(lightning.LightningDataModule):
 
     @property
     def data_dir(self) -> Path:
-        """`<root>/cifar-100-python` (or `cifar-10-batches-py`); raises if no root is set."""
-        root = self.root if self.root is not None else os.environ.get("MCL_DATA_ROOT") or None
-        if root is None:
-            raise DatasetNotFoundError(
-                f"No data root set for {self.spec.title}. Pass data.root=/path/to/data or "
-                f"`export MCL_DATA_ROOT=/path/to/data`; that folder must contain {self.spec.folder}/ "
-                f"in torchvision's layout ({', '.join(self._file_names())}).")
+        """`<root>/cifar-100-python` (or `cifar-10-batches-py`); root: `root`, `$MCL_DATA_ROOT`, or
+        the per-user default (`mcl_lightning.paths.default_data_root()`)."""
+        root = self.root if self.root is not None else os.environ.get("MCL_DATA_ROOT") or default_data_root()
         return Path(root).expanduser() / self.spec.folder
 
     def prepare_data(self) -> None:
@@ -224,6 +222,7 @@ class CIFARDataModule(lightning.LightningDataModule):
             raise ConfigError(f"data.batch_size={self.batch_size} is the global batch and must be divisible "
                               f"by the number of devices ({world_size}).")
         self.per_device_batch_size = self.batch_size // max(world_size, 1)
+        self.world_size = max(world_size, 1)
         if self.train_dataset is None:  # decode once; later stages reuse the tensors
             self._load()
 
@@ -341,6 +340,8 @@ class CIFARDataModule(lightning.LightningDataModule):
         self.val_dataset = InMemoryDataset(train_x[val_idx], train_y[val_idx])
 
     def _loader(self, dataset: InMemoryDataset, batch_size: int, shuffle: bool, drop_last: bool) -> DataLoader:
-        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
-                          num_workers=self.num_workers, pin_memory=self.pin_memory,
-                          persistent_workers=self.num_workers > 0, collate_fn=_already_batched)
+        common = dict(batch_size=batch_size, drop_last=drop_last, num_workers=self.num_workers,
+                      pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0, collate_fn=_already_batched)
+        if shuffle and self.world_size == 1:  # a seeded order that mid-epoch checkpoints resume exactly
+            return ResumableLoader(dataset, sampler=ResumableSampler(len(dataset)), **common)
+        return DataLoader(dataset, shuffle=shuffle, **common)  # under DDP Lightning shards it
