@@ -166,6 +166,11 @@ class OKDSystem(L.LightningModule):
         # OKDSystem.from_checkpoint / mcl_lightning.export rebuild peers and method from the checkpoint alone
         checkpoint["peers_spec"] = self.peers.build_spec
         checkpoint["method_spec"] = method_spec(self.method)
+        if self._trainer is not None:  # what mcl_lightning.evaluate needs to test it as it was trained
+            checkpoint["precision"] = str(self.trainer.precision)
+            if self.trainer.datamodule is not None:
+                cls = type(self.trainer.datamodule)
+                checkpoint["datamodule_class"] = f"{cls.__module__}.{cls.__qualname__}"
         # Negatives and augmentation draw from the global RNGs; saving them makes a resumed
         # single-device run continue exactly as an uninterrupted one (Lightning does not).
         checkpoint["rng_states"] = rng_states()

@@ -168,7 +168,7 @@ def main() -> None:
         group = (error.missing_cfg_file or "").split("/")[0]
         value = (error.missing_cfg_file or "").split("/")[-1]
         choices = ", ".join(error.options or [])
-        print(f"error: unknown {group} {value!r}; choose one of: {choices} (e.g. {group}={(error.options or [''])[0]})"
+        print(f"error: unknown {group} {value!r}; choose one of: {choices} (as {group}=<name>)"
               if group and error.options else f"error: {' '.join(str(error).split())}", file=sys.stderr)
         sys.exit(2)
     except (ConfigCompositionException, OverrideParseException) as error:

@@ -17,10 +17,11 @@ from typing import Any
 
 import torch
 from hydra.experimental.callback import Callback
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from mcl_lightning.checkpointing import newest_checkpoint, resolve_ckpt_path
-from mcl_lightning.errors import ConfigError, UserError
+from mcl_lightning.errors import ConfigError
 
 
 # -- the config ---------------------------------------------------------------------------------
@@ -32,6 +33,11 @@ def check_config(cfg: DictConfig) -> None:
                           f"(peers=[resnet32,wrn_16_2]), got {peers!r}")
     if isinstance(peers, int) and peers < 1:
         raise ConfigError(f"peers must be >= 1, got {peers} (e.g. peers=4)")
+    optim = cfg.get("optim") or {}
+    lr, momentum, decay = optim.get("lr", 0.05), optim.get("momentum", 0.9), optim.get("weight_decay", 0.0)
+    if not lr > 0 or not 0.0 <= momentum < 1.0 or decay < 0:
+        raise ConfigError(f"optim needs lr > 0, momentum in [0, 1) and weight_decay >= 0; got optim.lr={lr}, "
+                          f"optim.momentum={momentum}, optim.weight_decay={decay}")
     every = cfg.get("checkpoint", {}).get("every_n_steps", 0)
     if isinstance(every, bool) or not isinstance(every, int) or every < 0:
         raise ConfigError(f"checkpoint.every_n_steps must be an integer >= 0 (0: epoch ends only), got {every!r}")
@@ -166,10 +172,15 @@ class EarlyChecks(Callback):
             run_dir = Path(str(config.hydra.run.dir)).resolve()
         except Exception:  # an interpolation only a running job can resolve: train.run checks it
             run_dir = None
+        from mcl_lightning.train import _user_error
+
         try:
             preflight(config, run_dir)
-        except UserError as error:
-            print(f"error: {error}", file=sys.stderr)
+        except Exception as error:  # Hydra would only warn: a user's mistake stops here, a bug in train.run
+            user_error = _user_error(error)
+            if user_error is None:
+                raise
+            print(f"error: {user_error}", file=sys.stderr)
             sys.exit(2)
 
 
@@ -181,6 +192,7 @@ def preflight(cfg: DictConfig, run_dir: Path | None) -> None:
         check_run_dir(run_dir, cfg.ckpt_path)
     check_config(cfg)
     peers, method = build_network(cfg)
+    instantiate(cfg.data)  # the data module checks its options; nothing is loaded yet
     path = resolve_ckpt_path(cfg.ckpt_path, run_dir) if run_dir is not None else None
     if path is not None:
         from mcl_lightning.spec import method_spec
