@@ -2,9 +2,11 @@
 
 - ``AtomicCheckpointIO``: every checkpoint is written to a temporary file beside its target,
   flushed to disk, then renamed over it; a crash while writing leaves the previous file intact.
-- ``StepCheckpoint``: replaces ``<dir>/last.ckpt`` every N optimizer steps and, when the process
-  gets SIGTERM (what schedulers send before a kill), after the step in progress; then it stops the
-  run with ``Preempted``. Resuming from such a mid-epoch checkpoint continues at the next batch of
+- ``LastCheckpoint``: replaces ``<dir>/last.ckpt`` at the end of every epoch (after validation and
+  after ModelCheckpoint's best), every N optimizer steps, and, when the process gets SIGTERM (what
+  schedulers send before a kill), after the step in progress; then it stops the run with
+  ``Preempted``. (Lightning 2.6's ``ModelCheckpoint(save_last=True)`` refreshes ``last.ckpt`` only
+  in epochs that also write a best checkpoint.) Resuming from such a mid-epoch checkpoint continues at the next batch of
   the same epoch order (``data.resumable``), with banks, heads, optimiser and RNG states as they were.
 - ``resolve_ckpt_path``: ``ckpt_path=last`` is the newest checkpoint of the run directory (a
   pre-empted job is relaunched with the same command), a directory is its newest checkpoint.
@@ -22,6 +24,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -83,14 +86,16 @@ class Preempted(SIGTERMException):
         self.checkpoint, self.epoch, self.step = checkpoint, epoch, step
 
 
-class StepCheckpoint(L.Callback):
-    """``<dirpath>/last.ckpt`` every ``every_n_steps`` optimizer steps (0: never) and on SIGTERM.
+class LastCheckpoint(Checkpoint):
+    """``<dirpath>/last.ckpt`` at every epoch end, every ``every_n_steps`` optimizer steps (0: never)
+    and on SIGTERM. A ``Checkpoint`` callback: Lightning runs it after the others (the non-finite
+    guard first); list it after ``ModelCheckpoint`` so that its state includes the epoch's best.
 
     On one process SIGTERM only sets a flag: the step in progress finishes, the checkpoint is
     written, and ``Preempted`` stops the run. At an epoch's last step (and during validation) the
-    epoch finishes first, ModelCheckpoint writes its checkpoint, and the next step stops the run; after
-    the last epoch the run simply finishes. Under DDP Lightning's own handler stops every rank
-    at the same batch (it broadcasts the signal each step) and the checkpoint is written then.
+    epoch finishes first and the run stops after its checkpoint; in the last epoch the run finishes.
+    Under DDP Lightning's own handler stops every rank at the same batch (it broadcasts the signal
+    each step) and the checkpoint is written then.
     """
 
     def __init__(self, dirpath: str | Path, every_n_steps: int = 0) -> None:
@@ -136,7 +141,7 @@ class StepCheckpoint(L.Callback):
                            batch_idx: int) -> None:
         if batch_idx + 1 >= trainer.num_training_batches:
             # The epoch's own checkpoint follows its validation (restarting from a checkpoint written
-            # here, Lightning would skip that validation); on SIGTERM the next step stops the run.
+            # here, Lightning would skip that validation); on SIGTERM the run stops after it.
             return
         stepped = (batch_idx + 1) % trainer.accumulate_grad_batches == 0  # no half-accumulated gradients
         if self.sigterm and stepped:
@@ -146,6 +151,15 @@ class StepCheckpoint(L.Callback):
         step = trainer.global_step
         if self.every_n_steps and stepped and step % self.every_n_steps == 0 and step != self._last_saved_step:
             self.save(trainer)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self.save(trainer)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.sigterm:  # came during the last step or the validation: the epoch-end checkpoint is the one
+            self.saved_on_sigterm = True
+            raise Preempted(self.path, trainer.current_epoch - 1, trainer.global_step)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         # DDP: Lightning raised SIGTERMException on every rank at the start of the same batch.

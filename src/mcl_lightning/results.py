@@ -41,13 +41,15 @@ def summarise(history: list[dict[str, float]]) -> dict[str, Any]:
     }
 
 
-def run_results(cfg: Any, system: Any, trainer: Any, datamodule: Any, checkpoint: Any, error: Exception | None = None,
-                failure: dict[str, Any] | None = None, last_good: Path | None = None) -> dict[str, Any]:
-    """The results.json of a run (``status`` "finished", or "failed" with ``failure`` recorded)."""
+def run_results(cfg: Any, system: Any, trainer: Any, datamodule: Any, callbacks: dict[str, Any],
+                error: Exception | None = None) -> dict[str, Any]:
+    """The results.json of a run (``status`` "finished", or "failed" with ``failure`` recorded).
+
+    ``callbacks``: the entry point's ``best`` (ModelCheckpoint), ``last`` (LastCheckpoint) and ``guard``.
+    """
     summary = summarise(system.val_history)
-    last = checkpoint.last_model_path or None
-    if error is not None and last_good is not None and Path(last_good).is_file():
-        last = str(last_good)  # the newest checkpoint written before the failure
+    last_path = Path(callbacks["last"].path)
+    last = str(last_path) if last_path.is_file() else None  # after a failure: the last good one
     results = {
         "status": "failed" if error is not None else "finished",
         "method": system.method.name,
@@ -67,11 +69,11 @@ def run_results(cfg: Any, system: Any, trainer: Any, datamodule: Any, checkpoint
         "max_over_epochs": summary["max_over_epochs"],
         "test": nest_metrics(system.test_results),
         "reference": OmegaConf.to_container(cfg.reference, resolve=True) if cfg.get("reference") else None,
-        "checkpoints": {"last": last, "best": checkpoint.best_model_path or None},
+        "checkpoints": {"last": last, "best": callbacks["best"].best_model_path or None},
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
     if error is not None:
-        results["failure"] = {**(failure or {}), "message": str(error)}
+        results["failure"] = {**(getattr(callbacks.get("guard"), "failure", None) or {}), "message": str(error)}
     return results
 
 

@@ -27,7 +27,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from mcl_lightning import validation
-from mcl_lightning.checkpointing import AtomicCheckpointIO, StepCheckpoint, remove_stale_temporaries, resolve_ckpt_path
+from mcl_lightning.checkpointing import AtomicCheckpointIO, LastCheckpoint, remove_stale_temporaries, resolve_ckpt_path
 from mcl_lightning.errors import ConfigError, NonFiniteLossError, UserError
 from mcl_lightning.guards import NonFiniteLossGuard
 from mcl_lightning.methods import OKDMethod
@@ -67,11 +67,11 @@ def build(cfg: DictConfig, run_dir: Path, ckpt_path: Path | None) -> tuple[Any, 
     # score only there, and "best" stays the best of the whole run.
     checkpoint_dir = ckpt_path.resolve().parent if ckpt_path else run_dir / "checkpoints"
     callbacks = {
-        "guard": NonFiniteLossGuard(),  # before the checkpoint callbacks: a bad step is never saved
-        "steps": StepCheckpoint(checkpoint_dir, cfg.checkpoint.every_n_steps),
-        "epochs": ModelCheckpoint(dirpath=checkpoint_dir, filename="best-epoch{epoch:03d}", auto_insert_metric_name=False,
-                                  monitor=MONITOR, mode="max", save_last=True, enable_version_counter=False),
+        "guard": NonFiniteLossGuard(),  # runs before the checkpoint callbacks: a bad step is never saved
         "lr": LearningRateMonitor(logging_interval="epoch"),
+        "best": ModelCheckpoint(dirpath=checkpoint_dir, filename="best-epoch{epoch:03d}", auto_insert_metric_name=False,
+                                monitor=MONITOR, mode="max", enable_version_counter=False),
+        "last": LastCheckpoint(checkpoint_dir, cfg.checkpoint.every_n_steps),  # after "best": its state included
     }
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks["progress"] = LossTermsProgressBar()
@@ -98,11 +98,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     try:
         trainer.fit(system, datamodule=datamodule, ckpt_path=ckpt_path)
     except NonFiniteLossError as error:  # results.json records the failure; the last good checkpoint stays
-        finish(run_dir, run_results(cfg, system, trainer, datamodule, callbacks["epochs"], error=error,
-                                    failure=callbacks["guard"].failure, last_good=callbacks["steps"].path), trainer)
+        finish(run_dir, run_results(cfg, system, trainer, datamodule, callbacks, error=error), trainer)
         raise
     trainer.test(system, datamodule=datamodule, verbose=False)  # the final weights
-    return finish(run_dir, run_results(cfg, system, trainer, datamodule, callbacks["epochs"]), trainer)
+    return finish(run_dir, run_results(cfg, system, trainer, datamodule, callbacks), trainer)
 
 
 @rank_zero_only
