@@ -150,3 +150,14 @@ def test_state_mismatch_after_setup_is_named():
     assert state_differences(saved, now) == [
         "bank size: checkpoint (2, 45000, 16), now (2, 50000, 16)", "only in the checkpoint: old",
         "missing from the checkpoint: new"]
+
+
+def test_a_sweep_directory_holding_runs_is_refused(workspace, data_root):
+    sweep = workspace["finished"].parent  # holds run/results.json and run/checkpoints/
+    before = snapshot(sweep)
+    proc = run_cli("mcl_lightning.train", "-m", "seed=0,1", "peers=2", "backbone=resnet20", f"data.root={data_root}",
+                   f"hydra.sweep.dir={sweep}")
+    assert proc.returncode == 2
+    line = one_error_line(proc.stderr)
+    assert f"hydra.sweep.dir={sweep} already holds runs (run/" in line and "Choose another hydra.sweep.dir" in line
+    assert snapshot(sweep) == before

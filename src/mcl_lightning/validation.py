@@ -184,6 +184,21 @@ class EarlyChecks(Callback):
             sys.exit(2)
 
 
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        # The jobs' own options are checked by each job (train.run); here only the sweep directory.
+        try:
+            sweep = Path(str(config.hydra.sweep.dir)).resolve()
+        except Exception:
+            return
+        if config.get("ckpt_path") not in (None, "") or not sweep.is_dir():
+            return
+        held = sorted([*sweep.rglob("results.json"), *sweep.rglob("*.ckpt")])
+        if held:
+            print(f"error: hydra.sweep.dir={sweep} already holds runs ({held[0].relative_to(sweep)}); nothing was "
+                  "changed. Choose another hydra.sweep.dir, or pass ckpt_path=last to continue each job", file=sys.stderr)
+            sys.exit(2)
+
+
 def preflight(cfg: DictConfig, run_dir: Path | None) -> None:
     """Every check that needs no data: run directory, config values, network + method, checkpoint."""
     from mcl_lightning.train import build_network, data_options  # train imports this module
