@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from mcl_lightning.errors import ConfigError
+from mcl_lightning.registry import check_choice
 
 POSITIVE_MODES = ("exact", "relax")
 
@@ -34,8 +35,7 @@ class NegativeSampler(nn.Module):
         super().__init__()
         if k < 1:
             raise ConfigError(f"method.nce_k must be >= 1, got {k}")
-        if positive not in POSITIVE_MODES:
-            raise ConfigError(f"unknown positive mode {positive!r}; choose one of: {', '.join(POSITIVE_MODES)}")
+        check_choice("method.positive", positive, POSITIVE_MODES)
         self.k, self.positive, self.replacement = k, positive, replacement
         self.largest_pool = 0
         # Training-set indices sorted by class, and where each class starts in that order. Derived
