@@ -25,6 +25,7 @@ from torchvision.datasets.utils import download_and_extract_archive
 from mcl_lightning.data.augment import (
     CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, normalize, random_crop_flip,
 )
+from mcl_lightning.data.samplers import ClassBalancedBatchSampler, check_samples_per_class
 from mcl_lightning.errors import ConfigError, DatasetIntegrityError, DatasetNotFoundError
 
 __all__ = ["CIFARDataModule", "InMemoryDataset", "stratified_split"]
@@ -135,7 +136,7 @@ class CIFARDataModule(lightning.LightningDataModule):
                  num_classes: int | None = None, batch_size: int = 64, eval_batch_size: int = 256,
                  num_workers: int = 0, val_split: int | float = 0, split_seed: int = 0,
                  download: bool = True, check_integrity: bool = True, augment: bool = True,
-                 pin_memory: bool = False, drop_last: bool = False) -> None:
+                 pin_memory: bool = False, drop_last: bool = False, samples_per_class: int | None = None) -> None:
         super().__init__()
         if dataset not in _SPECS:
             raise ConfigError(f"data.dataset={dataset!r} is not supported; choose one of {sorted(_SPECS)}.")
@@ -157,6 +158,7 @@ class CIFARDataModule(lightning.LightningDataModule):
         self.num_workers, self.val_split, self.split_seed = num_workers, val_split, split_seed
         self.download, self.check_integrity, self.augment = download, check_integrity, augment
         self.pin_memory, self.drop_last = pin_memory, drop_last
+        self.samples_per_class = check_samples_per_class(samples_per_class, batch_size)  # MCL's m-per-class batches
         self.mean, self.std = self.spec.mean, self.spec.std
         self.per_device_batch_size = batch_size
         self.classes: list[str] | None = None
@@ -228,6 +230,13 @@ class CIFARDataModule(lightning.LightningDataModule):
             self._load()
 
     def train_dataloader(self) -> DataLoader:
+        if self.samples_per_class:  # class-balanced batches (data/samplers.py), split across DDP ranks
+            batches = ClassBalancedBatchSampler(self.train_labels, self.samples_per_class, self.batch_size,
+                                                rank=getattr(self.trainer, "global_rank", 0),
+                                                world_size=getattr(self.trainer, "world_size", 1))
+            return DataLoader(self.train_dataset, batch_sampler=batches, num_workers=self.num_workers,
+                              pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0,
+                              collate_fn=_already_batched)
         return self._loader(self._require(self.train_dataset), self.per_device_batch_size, True, self.drop_last)
 
     def val_dataloader(self) -> DataLoader:
