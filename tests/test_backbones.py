@@ -114,6 +114,24 @@ def test_forward_backward_and_the_deployed_peer_is_the_plain_backbone(name, topo
             create_backbone(name, num_classes=10).load_state_dict(deployed.state_dict())
 
 
+@pytest.mark.parametrize("topology", TOPOLOGIES)
+def test_imagenet_resnet_peers_train_a_step_with_each_method(topology):
+    """The methods see only (logits, features): 512-d features and 1000 classes at ImageNet's layout."""
+    from mcl_lightning.methods import MCLOKD, Independent
+
+    torch.manual_seed(0)
+    labels_all = torch.arange(200) % 1000  # a stand-in training set: 200 samples, 200 classes
+    for method_cls, options in ((MCLOKD, {"nce_k": 32, "tau": 0.07}), (Independent, {})):
+        peers = PeerNetwork.from_backbone("resnet18", num_peers=2, topology=topology, num_classes=1000)
+        method = method_cls(num_peers=2, feature_dim=peers.feature_dim, **options)
+        method.setup_data(labels_all)
+        indices = torch.tensor([0, 7, 42, 199])
+        losses = method(peers(_input("resnet18", batch=4)), labels_all[indices], indices)
+        sum(losses.values()).backward()
+        assert all(torch.isfinite(v) for v in losses.values())
+        assert all(p.grad is not None for p in peers.parameters())
+
+
 @torch.no_grad()
 def test_initialisation_follows_each_reference():
     torch.manual_seed(0)
