@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mcl_lightning.methods import OKDMethod
 from mcl_lightning.models import PeerNetwork, count_parameters
+from mcl_lightning.train import build_network
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 EXPERIMENTS = sorted(str(p.relative_to(CONF / "experiment").with_suffix("")) for p in (CONF / "experiment").rglob("*.yaml"))
@@ -54,9 +55,12 @@ def compose_experiment(experiment: str, stand_ins: bool = False) -> DictConfig:
 
 
 def build(cfg: DictConfig) -> tuple[PeerNetwork, OKDMethod]:
-    peers = instantiate(cfg.model)
-    method = instantiate(cfg.method)(num_peers=peers.num_peers, feature_dim=peers.feature_dim)
-    return peers, method
+    return build_network(cfg)
+
+
+def topology(cfg: DictConfig, method: OKDMethod) -> str:
+    """The experiment's topology: its own, or (null) the method's reference layout's."""
+    return cfg.topology or method.reference_layout.topology
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
@@ -67,7 +71,7 @@ def test_every_experiment_composes_and_builds(experiment):
     cfg = compose_experiment(experiment)
     peers, method = build(cfg)
     assert isinstance(method, OKDMethod) and method.name == chosen(experiment, "method")
-    assert peers.num_peers == cfg.peers and peers.build_spec["topology"] == cfg.topology
+    assert peers.num_peers == cfg.peers and peers.topology == topology(cfg, method)
     assert peers.export_peer(0).classifier.out_features == cfg.data.num_classes
     assert cfg.backbone.name == chosen(experiment, "backbone")
 
@@ -75,8 +79,8 @@ def test_every_experiment_composes_and_builds(experiment):
 @pytest.mark.parametrize("experiment", [e for e in EXPERIMENTS if missing_groups(e)])
 def test_experiments_waiting_for_a_config_build_everything_else(experiment):
     cfg = compose_experiment(experiment, stand_ins=True)
-    peers, _ = build(cfg)
-    assert peers.num_peers == cfg.peers and peers.build_spec["topology"] == cfg.topology
+    peers, method = build(cfg)
+    assert peers.num_peers == cfg.peers and peers.topology == topology(cfg, method)
     assert cfg.backbone.name == chosen(experiment, "backbone")
 
 
@@ -122,6 +126,10 @@ def test_recipes_follow_the_repository_that_produced_the_number(experiment):
             assert method == "mutual_cl"
             n = 2 if name.startswith("mcl_x2_") else 4  # N = 2: independent networks, else branched
             assert (cfg.peers, cfg.topology) == (n, "independent" if n == 2 else "shared_trunk")
+    elif method in ("dml", "cl_ilr", "one", "okddip"):  # main_cifar_<method>.py, method.md §10.2
+        assert experiment == f"cifar100/{method}_{name.removeprefix(method + '_')}"
+        assert (cfg.peers, cfg.topology) == (4, None)  # the method's reference layout
+        assert _recipe(cfg) == (128, 0.1, 5e-4, "cosine", 300) and cfg.reference.top1_error.ensemble
     elif experiment == "imagenet/mcl_okd_resnet34":  # main_imagenet_mcl_okd.py
         assert method == "mcl_okd" and (cfg.peers, cfg.topology) == (4, "shared_trunk")
         assert _recipe(cfg) == (128, 0.05, 1e-4, "cosine", 100)
@@ -140,7 +148,8 @@ def test_every_table_row_has_its_experiment():
     mcl_rows = ["resnet32", "resnet56", "resnet110", "wrn_16_2", "wrn_40_2", "hcgnet_a1", "shufflenetv2_0_5",
                 "shufflenetv2_1_0"]
     logit_rows = ["wrn_16_2", "wrn_40_2", "wrn_28_4", "shufflenetv2_1_0", "hcgnet_a2"]
-    expected = {f"cifar100/{kind}_{row}" for row in okd_rows for kind in ("mcl_okd", "mcl_okd_mcl_only", "baseline")}
+    kinds = ("mcl_okd", "mcl_okd_mcl_only", "baseline", "dml", "cl_ilr", "one", "okddip")  # the table's columns
+    expected = {f"cifar100/{kind}_{row}" for row in okd_rows for kind in kinds}
     expected |= {f"cifar100/mcl_{n}_{row}" for row in mcl_rows for n in ("x2", "x4")}
     expected |= {f"cifar100/mcl_x4_logit_kd_{row}" for row in logit_rows}
     expected |= {f"cifar100/mcl_baseline_{row}" for row in sorted(set(mcl_rows) | set(logit_rows))}
