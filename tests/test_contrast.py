@@ -73,9 +73,9 @@ def test_method_contrastive_term_scores_before_updating_the_banks(n_peers):
     labels = labels_all[indices]
     features = torch.randn(n_peers, batch, c, requires_grad=True)
 
-    torch.manual_seed(123)
+    stream = method.negatives.stream.clone()  # the sampler's (seed, step): rewind it to redraw
     contrast_idx = method.negatives(indices, labels)
-    torch.manual_seed(123)
+    method.negatives.stream.copy_(stream)
     loss = method.contrastive(features, labels, indices)
     loss.backward()
 
@@ -147,8 +147,9 @@ def test_negatives_cover_the_whole_pool_uniformly():
     labels_all = _cifar_like_labels()
     sampler = NegativeSampler(k=30)
     sampler.bind(labels_all)
-    anchor = torch.zeros(2000, dtype=torch.long)  # sample 0 over and over
-    counts = torch.bincount(sampler(anchor, labels_all[anchor])[:, 1:].flatten(), minlength=500)
+    anchors = (labels_all == labels_all[0]).nonzero().squeeze(1)  # the 50 samples of one class
+    rows = torch.cat([sampler(anchors, labels_all[anchors]) for _ in range(40)])  # 40 steps: 2000 rows
+    counts = torch.bincount(rows[:, 1:].flatten(), minlength=500)
     own_class = labels_all == labels_all[0]
     assert counts[own_class].sum() == 0
     others = counts[~own_class].float()  # 450 candidates, expected 2000 * 30 / 450 = 133 each
@@ -156,16 +157,24 @@ def test_negatives_cover_the_whole_pool_uniformly():
 
 
 def test_same_seed_gives_the_same_negatives():
+    """Negatives are keyed by (seed, step, sample): not by torch's RNG, nor by the rest of the batch."""
     labels_all = _cifar_like_labels()
-    sampler = NegativeSampler(k=64, positive="relax")
+    sampler = NegativeSampler(k=64, positive="relax", seed=7)
     sampler.bind(labels_all)
     indices = torch.arange(32)
-    torch.manual_seed(7)
+    torch.manual_seed(0)
     first = sampler(indices, labels_all[indices])
-    torch.manual_seed(7)
-    again = sampler(indices, labels_all[indices])
-    other = sampler(indices, labels_all[indices])
-    assert torch.equal(first, again) and not torch.equal(first, other)
+    other = sampler(indices, labels_all[indices])  # the next step draws afresh
+    again = NegativeSampler(k=64, positive="relax", seed=7)
+    again.bind(labels_all)
+    torch.manual_seed(1)  # the global RNG plays no part
+    assert torch.equal(again(indices, labels_all[indices]), first) and not torch.equal(first, other)
+    half = NegativeSampler(k=64, positive="relax", seed=7)
+    half.bind(labels_all)  # a rank holding half of the batch draws exactly those rows
+    assert torch.equal(half(indices[16:], labels_all[indices[16:]]), first[16:])
+    seed8 = NegativeSampler(k=64, positive="relax", seed=8)
+    seed8.bind(labels_all)
+    assert not torch.equal(seed8(indices, labels_all[indices]), first)
 
 
 def test_k_larger_than_the_negative_pool_is_a_clear_error():
@@ -273,11 +282,11 @@ def test_contrastive_loss_under_fp16_autocast_stays_float32_and_finite():
     features = torch.randn(3, 8, 64) * 5  # large logits: exp(s / tau) would overflow in fp16
     indices = torch.arange(8)
     bank = method.memory_bank.memory.clone()
+    stream = method.negatives.stream.clone()
     with torch.no_grad():
-        torch.manual_seed(5)
         fp32 = method.contrastive(features, labels_all[indices], indices)
         method.memory_bank.memory.copy_(bank)
-        torch.manual_seed(5)
+        method.negatives.stream.copy_(stream)  # the same negatives again
         with torch.autocast("cpu", dtype=torch.float16):
             fp16 = method.contrastive(features.half(), labels_all[indices], indices)
     assert fp16.dtype == torch.float32 and torch.isfinite(fp16)

@@ -1,25 +1,43 @@
-"""Batched, device-agnostic CIFAR augmentation on uint8 tensors (no PIL).
+"""Device-agnostic augmentation on uint8 tensors (no PIL), batched where the images allow it.
 
-The reference pipeline is torchvision's ``RandomCrop(32, padding=4)`` + ``RandomHorizontalFlip()``
-+ ``Normalize`` applied per image on the CPU. Doing the same on whole batches on the training
-device keeps the data path from limiting a GPU run.
+CIFAR: the reference pipeline is torchvision's ``RandomCrop(32, padding=4)`` +
+``RandomHorizontalFlip()`` + ``Normalize`` applied per image on the CPU. Doing the same on whole
+batches on the training device keeps the data path from limiting a GPU run.
+
+ImageNet: ``RandomResizedCrop(224)`` + flip for training, ``Resize(256)`` + ``CenterCrop(224)`` for
+evaluation, on decoded uint8 images of any size, in a worker process or on the training device.
+
+Random parameters come either from a ``torch.Generator``/the default RNG, or from per-sample keys
+(:func:`sample_keys`: seed, epoch, dataset index), so that an image's augmentation does not depend
+on the rank, the batch or the process that handles it (see :mod:`mcl_lightning.rng`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import math
+
 import torch
 import torch.nn.functional as F
+import torchvision.transforms.v2.functional as TF
 from torch import Tensor
+
+from mcl_lightning import rng
 
 __all__ = [
     "CIFAR100_MEAN",
     "CIFAR100_STD",
     "CIFAR10_MEAN",
     "CIFAR10_STD",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "center_crop_eval",
     "normalize",
     "random_crop_flip",
+    "random_resized_crop_params",
+    "resized_crop_flip",
+    "sample_keys",
 ]
 
 # The constants used by the reference code (not recomputed from the data, so results match).
@@ -27,6 +45,14 @@ CIFAR100_MEAN: tuple[float, float, float] = (0.5071, 0.4867, 0.4408)
 CIFAR100_STD: tuple[float, float, float] = (0.2675, 0.2565, 0.2761)
 CIFAR10_MEAN: tuple[float, float, float] = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD: tuple[float, float, float] = (0.2470, 0.2435, 0.2616)
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+
+def sample_keys(seed: int, epoch: int | Tensor, indices: Tensor) -> Tensor:
+    """One 32-bit augmentation key per sample: a hash of (seed, epoch, dataset index)."""
+    root = rng.key(seed, rng.STREAM_AUGMENT, indices.device)
+    return rng.mix(rng.mix(root, epoch), indices)
 
 
 def _channel_vector(values: Sequence[float] | Tensor, like: Tensor) -> Tensor:
@@ -44,7 +70,7 @@ def normalize(
 
 
 def random_crop_flip(
-    images_uint8: Tensor, padding: int = 4, generator: torch.Generator | None = None
+    images_uint8: Tensor, padding: int = 4, generator: torch.Generator | None = None, keys: Tensor | None = None
 ) -> Tensor:
     """Random crop of the zero-padded image plus a horizontal flip with p=0.5, per image.
 
@@ -52,8 +78,8 @@ def random_crop_flip(
     ``[0, 2 * padding]``) followed by ``RandomHorizontalFlip()``, drawn independently for every
     image of the (B, C, H, W) batch. Returns a new tensor of the same shape and dtype.
 
-    Random numbers come from ``generator`` (on its own device) or, by default, from torch's
-    default RNG on the images' device, so ``lightning.seed_everything`` makes runs reproducible.
+    Random numbers come from ``keys`` (one per image, :func:`sample_keys`), else from ``generator``
+    (on its own device), else from torch's default RNG on the images' device.
     """
     if images_uint8.ndim != 4:
         raise ValueError(
@@ -63,11 +89,18 @@ def random_crop_flip(
         raise ValueError(f"padding must be >= 0, got {padding}")
     b, c, h, w = images_uint8.shape
     device = images_uint8.device
-    rng_device = generator.device if generator is not None else device
-    # Draw on the generator's device: a CPU generator cannot fill a CUDA tensor directly.
-    top = torch.randint(0, 2 * padding + 1, (b,), generator=generator, device=rng_device).to(device)
-    left = torch.randint(0, 2 * padding + 1, (b,), generator=generator, device=rng_device).to(device)
-    flip = (torch.rand(b, generator=generator, device=rng_device) < 0.5).to(device)
+    if keys is not None:
+        if keys.shape != (b,):
+            raise ValueError(f"random_crop_flip needs one key per image, got keys of shape {tuple(keys.shape)}")
+        keys = keys.to(device)
+        top, left = rng.below(rng.mix(keys, 1), 2 * padding + 1), rng.below(rng.mix(keys, 2), 2 * padding + 1)
+        flip = (rng.mix(keys, 3) & 1).bool()
+    else:
+        rng_device = generator.device if generator is not None else device
+        # Draw on the generator's device: a CPU generator cannot fill a CUDA tensor directly.
+        top = torch.randint(0, 2 * padding + 1, (b,), generator=generator, device=rng_device).to(device)
+        left = torch.randint(0, 2 * padding + 1, (b,), generator=generator, device=rng_device).to(device)
+        flip = (torch.rand(b, generator=generator, device=rng_device) < 0.5).to(device)
 
     padded = F.pad(images_uint8, (padding, padding, padding, padding), mode="constant", value=0)
     rows = top[:, None] + torch.arange(h, device=device)  # (B, H) rows of the padded image
@@ -78,3 +111,54 @@ def random_crop_flip(
     chan_idx = torch.arange(c, device=device)[None, :, None, None]
     # One gather for the whole batch: (B,1,1,1), (1,C,1,1), (B,1,H,1), (B,1,1,W) -> (B,C,H,W).
     return padded[batch_idx, chan_idx, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+def random_resized_crop_params(
+    keys: Tensor,
+    heights: Tensor,
+    widths: Tensor,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0),
+    attempts: int = 10,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """torchvision's ``RandomResizedCrop.get_params`` + a flip, for a batch of keys: (top, left, h, w, flip).
+
+    The same algorithm (up to ``attempts`` draws of an area fraction in ``scale`` and a log-uniform
+    aspect ratio in ``ratio``; the first that fits is taken, else the central crop with the ratio
+    clamped), drawn from each image's key, vectorised over the batch on the keys' device.
+    """
+    device = keys.device
+    heights, widths = heights.to(device, torch.float64), widths.to(device, torch.float64)
+    slot = torch.arange(attempts, device=device)
+    u_area = rng.uniform(rng.mix(keys[:, None], 100 + slot)).double()
+    u_ratio = rng.uniform(rng.mix(keys[:, None], 200 + slot)).double()
+    area = (heights * widths)[:, None] * (scale[0] + (scale[1] - scale[0]) * u_area)
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = torch.exp(log_lo + (log_hi - log_lo) * u_ratio)
+    w = torch.round(torch.sqrt(area * aspect))
+    h = torch.round(torch.sqrt(area / aspect))
+    fits = (w > 0) & (h > 0) & (w <= widths[:, None]) & (h <= heights[:, None])
+    first = torch.argmax(fits.to(torch.int8), dim=1, keepdim=True)  # the first attempt that fits
+    found = fits.any(1)
+    w, h = w.gather(1, first).squeeze(1), h.gather(1, first).squeeze(1)
+    # Fallback: the whole image, its aspect ratio clamped to `ratio`, centred.
+    in_ratio = widths / heights
+    fw = torch.where(in_ratio < ratio[0], widths, torch.where(in_ratio > ratio[1], torch.round(heights * ratio[1]), widths))
+    fh = torch.where(in_ratio < ratio[0], torch.round(widths / ratio[0]), heights)
+    w, h = torch.where(found, w, fw).long(), torch.where(found, h, fh).long()
+    height_i, width_i = heights.long(), widths.long()
+    top = torch.where(found, rng.below(rng.mix(keys, 300), height_i - h + 1), (height_i - h) // 2)
+    left = torch.where(found, rng.below(rng.mix(keys, 301), width_i - w + 1), (width_i - w) // 2)
+    flip = (rng.mix(keys, 302) & 1).bool()
+    return top, left, h, w, flip
+
+
+def resized_crop_flip(image: Tensor, top: int, left: int, height: int, width: int, flip: bool, size: int) -> Tensor:
+    """Crop a (C, H, W) uint8 image to the box, resize it to size x size (bilinear, antialiased), flip."""
+    out = TF.resized_crop(image, top, left, height, width, [size, size], antialias=True)
+    return out.flip(-1) if flip else out
+
+
+def center_crop_eval(image: Tensor, resize: int, crop: int) -> Tensor:
+    """``Resize(resize)`` (shorter side, antialiased) then ``CenterCrop(crop)`` of a (C, H, W) image."""
+    return TF.center_crop(TF.resize(image, [resize], antialias=True), [crop, crop])

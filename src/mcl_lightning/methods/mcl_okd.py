@@ -41,6 +41,8 @@ class MCLOKD(OKDMethod):
         kd_temperature: T of the online-teacher term (3).
         online_teacher_targets: ``last`` (reference: only peer N-1) or ``all``.
         gamma, alpha, beta: weights of the CE sum, the online-teacher term and the NCE sum.
+        bank_dtype: memory-bank storage, ``float32`` or ``bfloat16``/``float16`` (half the memory;
+            scores and updates stay float32).
     """
 
     def __init__(
@@ -59,6 +61,7 @@ class MCLOKD(OKDMethod):
         gamma: float = 1.0,
         alpha: float = 1.0,
         beta: float = 0.025,
+        bank_dtype: str = "float32",
     ) -> None:
         super().__init__(num_peers, feature_dim)
         if num_peers < 2:
@@ -76,7 +79,7 @@ class MCLOKD(OKDMethod):
         self.online_teacher_targets = online_teacher_targets
         self.gamma, self.alpha, self.beta = gamma, alpha, beta
         self.heads = nn.ModuleList(ProjectionHead(feature_dim, feat_dim) for _ in range(num_peers))
-        self.memory_bank = MemoryBank(num_peers, 0, feat_dim, momentum)
+        self.memory_bank = MemoryBank(num_peers, 0, feat_dim, momentum, dtype=bank_dtype)
         self.negatives = NegativeSampler(nce_k, positive, negatives_with_replacement)
 
     needs_train_labels = True  # class-aware negatives and one bank row per training sample
