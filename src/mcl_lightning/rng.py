@@ -25,6 +25,7 @@ from torch import Tensor
 __all__ = [
     "MASK32",
     "STREAM_AUGMENT",
+    "STREAM_BANK_INIT",
     "STREAM_NEGATIVES",
     "STREAM_POSITIVE",
     "STREAM_SELECT",
@@ -43,6 +44,7 @@ STREAM_NEGATIVES = 0x6E656731  # negatives drawn with replacement / candidate po
 STREAM_SELECT = 0x73656C31  # selection keys of the without-replacement sampler
 STREAM_POSITIVE = 0x706F7331  # the "relax" positive
 STREAM_AUGMENT = 0x61756731  # data augmentation (crops, flips)
+STREAM_BANK_INIT = 0x62616E31  # the seed of the memory banks' initial rows
 
 
 def run_seed(seed: int | None = None) -> int:

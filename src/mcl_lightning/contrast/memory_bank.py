@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from mcl_lightning import rng
 from mcl_lightning.errors import ConfigError
 
 
@@ -26,7 +27,9 @@ class MemoryBank(nn.Module):
     it. Stacking the peers' banks lets one indexing call gather every bank's rows for a step.
 
     Rows start i.i.d. Uniform(-s, s), s = 1/sqrt(dim/3), as the reference (norm about 1, not
-    normalised). ``num_samples`` may be 0 at construction; :meth:`resize` sizes the banks once the
+    normalised), drawn from a generator seeded by ``seed`` (``None``: the run's seed, see
+    :func:`mcl_lightning.rng.run_seed`), not from the global RNG: the initial banks are the same on
+    every rank and for every world size (Lightning's DDP re-seeds the global RNG during setup). ``num_samples`` may be 0 at construction; :meth:`resize` sizes the banks once the
     training set is known, and loading a checkpoint sizes them from the checkpoint.
 
     ``dtype`` is the storage type: ``float32`` (the reference), or ``bfloat16``/``float16`` to halve
@@ -35,7 +38,7 @@ class MemoryBank(nn.Module):
     """
 
     def __init__(self, num_peers: int, num_samples: int = 0, dim: int = 128, momentum: float = 0.5,
-                 dtype: str | torch.dtype = "float32") -> None:
+                 dtype: str | torch.dtype = "float32", seed: int | None = None) -> None:
         super().__init__()
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"memory momentum must be in [0, 1), got {momentum}")
@@ -45,7 +48,7 @@ class MemoryBank(nn.Module):
             dtype = BANK_DTYPES[dtype]
         if dtype not in BANK_DTYPES.values():
             raise ConfigError(f"memory-bank dtype must be one of {', '.join(BANK_DTYPES)}, got {dtype}")
-        self.num_peers, self.dim, self.momentum, self.dtype = num_peers, dim, momentum, dtype
+        self.num_peers, self.dim, self.momentum, self.dtype, self.seed = num_peers, dim, momentum, dtype, seed
         self.register_buffer("memory", torch.empty(num_peers, 0, dim, dtype=dtype))
         self.resize(num_samples)
 
@@ -56,7 +59,12 @@ class MemoryBank(nn.Module):
     def resize(self, num_samples: int) -> None:
         """Re-initialise the banks for a training set of ``num_samples`` items."""
         stdv = 1.0 / math.sqrt(self.dim / 3)
-        memory = torch.rand(self.num_peers, num_samples, self.dim, device=self.memory.device)
+        device = self.memory.device
+        generator = None
+        if device.type != "meta":
+            seed = int(rng.key(rng.run_seed(self.seed), rng.STREAM_BANK_INIT))
+            generator = torch.Generator(device).manual_seed(seed)
+        memory = torch.rand(self.num_peers, num_samples, self.dim, device=device, generator=generator)
         self.memory = memory.mul_(2 * stdv).add_(-stdv).to(self.dtype)
 
     def gather(self, indices: Tensor) -> Tensor:
