@@ -30,11 +30,16 @@ __all__ = [
     "STREAM_POSITIVE",
     "STREAM_SELECT",
     "below",
+    "below_int",
     "hash32",
+    "hash32_int",
     "key",
+    "key_int",
     "mix",
+    "mix_int",
     "run_seed",
     "uniform",
+    "uniform_int",
 ]
 
 MASK32 = 0xFFFFFFFF
@@ -95,4 +100,32 @@ def uniform(h: Tensor) -> Tensor:
 
 def below(h: Tensor, n: Tensor | int) -> Tensor:
     """Integers in [0, n) from a 32-bit hash: ``floor(h * n / 2**32)`` (n < 2**31), bias <= n / 2**32."""
+    return (h * n) >> 32
+
+
+# The same functions on Python ints, bit for bit (per-sample work in data-loading workers, where a
+# handful of tensor ops per image would cost more than decoding it).
+def hash32_int(x: int) -> int:
+    x &= MASK32
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & MASK32
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & MASK32
+    return x ^ (x >> 16)
+
+
+def mix_int(h: int, x: int) -> int:
+    return hash32_int(h ^ hash32_int(x & MASK32))
+
+
+def key_int(seed: int, stream: int) -> int:
+    seed = int(seed)
+    return mix_int(mix_int(hash32_int(stream & MASK32), seed & MASK32), (seed >> 32) & MASK32)
+
+
+def uniform_int(h: int) -> float:
+    return (h >> 8) * (1.0 / (1 << 24))
+
+
+def below_int(h: int, n: int) -> int:
     return (h * n) >> 32

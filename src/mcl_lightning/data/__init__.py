@@ -9,7 +9,8 @@ from mcl_lightning.data.augment import (
     IMAGENET_STD,
     normalize,
     random_crop_flip,
-    random_resized_crop_params,
+    random_resized_crop_box,
+    sample_key,
     sample_keys,
 )
 from mcl_lightning.data.base import InMemoryDataset, OKDData, OKDDataModule, already_batched, stratified_split
@@ -34,7 +35,8 @@ __all__ = [
     "already_batched",
     "normalize",
     "random_crop_flip",
-    "random_resized_crop_params",
+    "random_resized_crop_box",
+    "sample_key",
     "sample_keys",
     "stratified_split",
 ]

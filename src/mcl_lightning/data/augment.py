@@ -35,8 +35,9 @@ __all__ = [
     "center_crop_eval",
     "normalize",
     "random_crop_flip",
-    "random_resized_crop_params",
+    "random_resized_crop_box",
     "resized_crop_flip",
+    "sample_key",
     "sample_keys",
 ]
 
@@ -113,44 +114,47 @@ def random_crop_flip(
     return padded[batch_idx, chan_idx, rows[:, None, :, None], cols[:, None, None, :]]
 
 
-def random_resized_crop_params(
-    keys: Tensor,
-    heights: Tensor,
-    widths: Tensor,
+def sample_key(seed: int, epoch: int, index: int) -> int:
+    """:func:`sample_keys` for one sample, on Python ints (the same value)."""
+    return rng.mix_int(rng.mix_int(rng.key_int(seed, rng.STREAM_AUGMENT), epoch), index)
+
+
+def random_resized_crop_box(
+    key: int,
+    height: int,
+    width: int,
     scale: tuple[float, float] = (0.08, 1.0),
     ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0),
     attempts: int = 10,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """torchvision's ``RandomResizedCrop.get_params`` + a flip, for a batch of keys: (top, left, h, w, flip).
+) -> tuple[int, int, int, int, bool]:
+    """torchvision's ``RandomResizedCrop.get_params`` + a flip, drawn from one image's key:
+    (top, left, crop height, crop width, flip).
 
-    The same algorithm (up to ``attempts`` draws of an area fraction in ``scale`` and a log-uniform
-    aspect ratio in ``ratio``; the first that fits is taken, else the central crop with the ratio
-    clamped), drawn from each image's key, vectorised over the batch on the keys' device.
+    The same algorithm: up to ``attempts`` draws of an area fraction in ``scale`` and a log-uniform
+    aspect ratio in ``ratio``, the first crop that fits is taken, else the whole image with its
+    aspect ratio clamped to ``ratio``, centred. Plain Python: a few microseconds per image, so it
+    serves both the worker processes and the device path (one call per image of the batch).
     """
-    device = keys.device
-    heights, widths = heights.to(device, torch.float64), widths.to(device, torch.float64)
-    slot = torch.arange(attempts, device=device)
-    u_area = rng.uniform(rng.mix(keys[:, None], 100 + slot)).double()
-    u_ratio = rng.uniform(rng.mix(keys[:, None], 200 + slot)).double()
-    area = (heights * widths)[:, None] * (scale[0] + (scale[1] - scale[0]) * u_area)
+    area = float(height * width)
     log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
-    aspect = torch.exp(log_lo + (log_hi - log_lo) * u_ratio)
-    w = torch.round(torch.sqrt(area * aspect))
-    h = torch.round(torch.sqrt(area / aspect))
-    fits = (w > 0) & (h > 0) & (w <= widths[:, None]) & (h <= heights[:, None])
-    first = torch.argmax(fits.to(torch.int8), dim=1, keepdim=True)  # the first attempt that fits
-    found = fits.any(1)
-    w, h = w.gather(1, first).squeeze(1), h.gather(1, first).squeeze(1)
-    # Fallback: the whole image, its aspect ratio clamped to `ratio`, centred.
-    in_ratio = widths / heights
-    fw = torch.where(in_ratio < ratio[0], widths, torch.where(in_ratio > ratio[1], torch.round(heights * ratio[1]), widths))
-    fh = torch.where(in_ratio < ratio[0], torch.round(widths / ratio[0]), heights)
-    w, h = torch.where(found, w, fw).long(), torch.where(found, h, fh).long()
-    height_i, width_i = heights.long(), widths.long()
-    top = torch.where(found, rng.below(rng.mix(keys, 300), height_i - h + 1), (height_i - h) // 2)
-    left = torch.where(found, rng.below(rng.mix(keys, 301), width_i - w + 1), (width_i - w) // 2)
-    flip = (rng.mix(keys, 302) & 1).bool()
-    return top, left, h, w, flip
+    for attempt in range(attempts):
+        target = area * (scale[0] + (scale[1] - scale[0]) * rng.uniform_int(rng.mix_int(key, 100 + attempt)))
+        aspect = math.exp(log_lo + (log_hi - log_lo) * rng.uniform_int(rng.mix_int(key, 200 + attempt)))
+        w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            top = rng.below_int(rng.mix_int(key, 300), height - h + 1)
+            left = rng.below_int(rng.mix_int(key, 301), width - w + 1)
+            break
+    else:
+        in_ratio = width / height
+        if in_ratio < ratio[0]:
+            w, h = width, round(width / ratio[0])
+        elif in_ratio > ratio[1]:
+            w, h = round(height * ratio[1]), height
+        else:
+            w, h = width, height
+        top, left = (height - h) // 2, (width - w) // 2
+    return top, left, h, w, bool(rng.mix_int(key, 302) & 1)
 
 
 def resized_crop_flip(image: Tensor, top: int, left: int, height: int, width: int, flip: bool, size: int) -> Tensor:

@@ -40,7 +40,7 @@ from torch.utils.data import Dataset, default_collate
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
 from mcl_lightning.data.augment import (
-    IMAGENET_MEAN, IMAGENET_STD, center_crop_eval, normalize, random_resized_crop_params, resized_crop_flip, sample_keys,
+    IMAGENET_MEAN, IMAGENET_STD, center_crop_eval, normalize, random_resized_crop_box, resized_crop_flip, sample_key,
 )
 from mcl_lightning.data.base import Batch, OKDDataModule, check_val_split, holdout_size, per_class_subset, stratified_split
 from mcl_lightning.errors import ConfigError, DatasetIntegrityError, DatasetNotFoundError
@@ -265,10 +265,8 @@ class ImageFolderFiles(Dataset):
             return read_encoded(path), label, torch.tensor(index), str(path)
         image = decode_file(path)
         if self.mode == "train":
-            key = sample_keys(self.seed, epoch, torch.tensor([index]))
-            top, left, h, w, flip = random_resized_crop_params(key, torch.tensor([image.shape[1]]),
-                                                               torch.tensor([image.shape[2]]))
-            image = resized_crop_flip(image, int(top), int(left), int(h), int(w), bool(flip), self.image_size)
+            box = random_resized_crop_box(sample_key(self.seed, epoch, index), image.shape[1], image.shape[2])
+            image = resized_crop_flip(image, *box, self.image_size)
         else:
             image = center_crop_eval(image, self.resize_size, self.image_size)
         return image, label, torch.tensor(index)
@@ -342,6 +340,9 @@ class ImageNetDataModule(OKDDataModule):
                                         or num_classes < 1):
             raise ConfigError(f"data.num_classes must be a positive integer or null, got {num_classes!r}.")
         check_val_split(val_split)
+        if isinstance(classes, bool) or (isinstance(classes, int) and classes < 1):
+            raise ConfigError(f"data.classes must be null, a count >= 1, a list of class names or a file, "
+                              f"got {classes!r}.")
         if classes is not None and not isinstance(classes, (int, str, os.PathLike)):
             classes = [str(c) for c in classes]  # a list or a ListConfig from Hydra
         root = None if root is None else os.fspath(root)
@@ -451,9 +452,8 @@ class ImageNetDataModule(OKDDataModule):
         self.test_dataset = test
 
     def _train_crops(self, images: list[Tensor], host_indices: Tensor) -> list[Tensor]:
-        keys = self.augment_keys(host_indices)  # on the host: the crop boxes are Python ints anyway
-        heights = torch.tensor([image.shape[1] for image in images])
-        widths = torch.tensor([image.shape[2] for image in images])
-        top, left, h, w, flip = (t.tolist() for t in random_resized_crop_params(keys, heights, widths))
-        return [resized_crop_flip(image, *params, self.image_size)
-                for image, *params in zip(images, top, left, h, w, flip)]
+        # The boxes from the host copy of the indices: no device-to-host sync.
+        seed, epoch = self.data_seed, int(getattr(self.trainer, "current_epoch", 0) or 0)
+        boxes = [random_resized_crop_box(sample_key(seed, epoch, index), image.shape[1], image.shape[2])
+                 for image, index in zip(images, host_indices.tolist())]
+        return [resized_crop_flip(image, *box, self.image_size) for image, box in zip(images, boxes)]
