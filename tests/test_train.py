@@ -166,7 +166,8 @@ def test_train_entry_point_independent_on_real_data(tmp_path, data_root):
     assert results["selection"] == "test-selected" and results["epochs_run"] == 1
     assert results["global_batch_size"] == 64 and results["learning_rate"] == 0.05 and results["seed"] == 0
     for part in ("final", "best", "test"):
-        assert set(results[part]) == {"peer0", "peer1", "peer2", "peer3", "peer_mean", "ensemble", "best_peer"}
+        assert set(results[part]) == {"peer0", "peer1", "peer2", "peer3", "peer_mean", "ensemble", "best_peer",
+                                      "num_images"}
         assert 0.0 <= results[part]["ensemble"]["top1"] <= 1.0 and "top5" in results[part]["peer3"]
     assert Path(results["checkpoints"]["last"]).is_file()
     assert Path(results["checkpoints"]["best"]).is_file()

@@ -205,6 +205,14 @@ class OKDDataModule(lightning.LightningDataModule):
         return rng.run_seed(self.seed)
 
     # -- Lightning hooks ---------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in checkpoints: a resumed run keeps the data order and crops of the original one."""
+        return {"seed": self.data_seed}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "seed" in state_dict:
+            self.seed = int(state_dict["seed"])
+
     def setup(self, stage: str | None = None) -> None:
         trainer = self.trainer
         self.world_size = int(getattr(trainer, "world_size", 1) or 1) if trainer is not None else 1
