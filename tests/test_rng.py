@@ -27,3 +27,45 @@ def test_uniform_and_below_are_uniform():
     counts = torch.bincount(rng.below(h, 7), minlength=7)
     assert len(counts) == 7 and (counts - 200_000 / 7).abs().max() < 600  # ~5 standard deviations
     assert [rng.below_int(v, 7) for v in h[:50].tolist()] == rng.below(h[:50], 7).tolist()
+
+
+def test_keyed_draws_copy_nothing_from_the_host_to_the_device():
+    """On CUDA, copying a host value to the device (``torch.tensor(v, device=...)``, a CPU tensor
+    moved or mixed in) synchronises the stream. On the meta device such calls are recorded: the
+    crops and every negative-sampling mode must make none (the labels are bound once, at setup)."""
+    from torch.overrides import TorchFunctionMode
+
+    from mcl_lightning.contrast import NegativeSampler
+    from mcl_lightning.data import random_crop_flip
+
+    class HostToDevice(TorchFunctionMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: list[str] = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            name = getattr(func, "__name__", str(func))
+            flat = torch.utils._pytree.tree_leaves((args, kwargs or {}))
+            if name in ("tensor", "as_tensor", "asarray", "from_numpy") or any(
+                    isinstance(a, torch.Tensor) and a.device.type == "cpu" for a in flat):
+                self.seen.append(name)
+            return func(*args, **(kwargs or {}))
+
+    labels_all = torch.arange(2000) % 10
+    samplers = []
+    for kwargs in ({"k": 8}, {"k": 1700}, {"k": 64, "positive": "relax", "replacement": True}):
+        sampler = NegativeSampler(**kwargs)
+        sampler.bind(labels_all)
+        samplers.append(sampler.to("meta"))
+    assert [s.mode for s in samplers] == ["sparse", "dense", "replacement"]
+    images = torch.empty(8, 3, 32, 32, dtype=torch.uint8, device="meta")
+    indices = torch.empty(8, dtype=torch.long, device="meta")
+    labels = torch.empty(8, dtype=torch.long, device="meta")
+    with HostToDevice() as mode:
+        random_crop_flip(images, keys=sample_keys(3, 5, indices))
+        for sampler in samplers:
+            sampler(indices, labels)
+    assert mode.seen == []
+    with HostToDevice() as mode:  # what the detector catches
+        indices ^ torch.tensor(5, device="meta")
+    assert mode.seen == ["tensor"]

@@ -63,7 +63,8 @@ def test_every_method_option_composes_and_builds(method):
 
 @pytest.mark.parametrize("data", options("data"))
 def test_every_data_option_composes(data, data_root):
-    cfg = _compose([f"data={data}", f"data.root={data_root}"])
+    root = data_root / "imagenette-mini" if data == "imagenet" else data_root  # ImageNet-style folders
+    cfg = _compose([f"data={data}", f"data.root={root}"])
     datamodule = instantiate(cfg.data)
     assert datamodule.num_classes == cfg.data.num_classes == cfg.model.num_classes
 

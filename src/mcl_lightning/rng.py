@@ -79,11 +79,16 @@ def hash32(x: Tensor) -> Tensor:
     return x ^ (x >> 16)
 
 
-def mix(h: Tensor, x: Tensor | int) -> Tensor:
-    """Fold one more component ``x`` (any int64 values; broadcast) into the hash ``h``."""
+def mix(h: Tensor | int, x: Tensor | int) -> Tensor | int:
+    """Fold one more component ``x`` (int64 values; broadcast) into the hash ``h``.
+
+    Either may be a Python int: its hash is computed on the host and enters the tensor arithmetic
+    as a scalar, so no host-to-device copy (on CUDA, a stream synchronisation) is ever made.
+    """
     if not isinstance(x, Tensor):
-        x = torch.tensor(int(x) & MASK32, dtype=torch.long, device=h.device)
-    return hash32(h ^ hash32(x & MASK32))
+        hx = hash32_int(int(x))
+        return hash32_int(h ^ hx) if not isinstance(h, Tensor) else hash32(h ^ hx)
+    return hash32(hash32(x & MASK32) ^ h)
 
 
 def key(seed: int, stream: int, device: torch.device | str | None = None) -> Tensor:

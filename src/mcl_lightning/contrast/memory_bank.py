@@ -62,7 +62,7 @@ class MemoryBank(nn.Module):
         device = self.memory.device
         generator = None
         if device.type != "meta":
-            seed = int(rng.key(rng.run_seed(self.seed), rng.STREAM_BANK_INIT))
+            seed = rng.key_int(rng.run_seed(self.seed), rng.STREAM_BANK_INIT)
             generator = torch.Generator(device).manual_seed(seed)
         memory = torch.rand(self.num_peers, num_samples, self.dim, device=device, generator=generator)
         self.memory = memory.mul_(2 * stdv).add_(-stdv).to(self.dtype)

@@ -50,10 +50,10 @@ IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 
-def sample_keys(seed: int, epoch: int | Tensor, indices: Tensor) -> Tensor:
+def sample_keys(seed: int, epoch: int, indices: Tensor) -> Tensor:
     """One 32-bit augmentation key per sample: a hash of (seed, epoch, dataset index)."""
-    root = rng.key(seed, rng.STREAM_AUGMENT, indices.device)
-    return rng.mix(rng.mix(root, epoch), indices)
+    # (seed, epoch) folded on the host: the batch's device tensor is the only tensor involved
+    return rng.mix(rng.mix_int(rng.key_int(seed, rng.STREAM_AUGMENT), int(epoch)), indices)
 
 
 def _channel_vector(values: Sequence[float] | Tensor, like: Tensor) -> Tensor:
