@@ -7,8 +7,8 @@ transfer, normalise, with no model, so the number is the data path's ceiling.
     python benchmarks/imagenet_loader.py --root /data/imagenet --workers 8 16 --decode cpu device \
         --device cuda --batches 200 --json loader.json
 
-imagenette-mini's images are 224 x 224 JPEGs (about 13 kB); real ImageNet training images average
-about 400 x 350 (about 110 kB), so decoding there costs several times more per image.
+imagenette-mini's images are 224 x 224 JPEGs (about 10 kB); real ImageNet training images average
+about 470 x 390 (about 110 kB), so decoding there costs several times more per image.
 """
 
 from __future__ import annotations

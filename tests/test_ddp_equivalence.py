@@ -24,15 +24,22 @@ def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def test_two_ranks_train_what_one_rank_trains(tmp_path, data_root):
     script = str(HERE / "ddp_equivalence.py")
-    runs = [subprocess.Popen([sys.executable, script, str(data_root), str(tmp_path), str(devices), "16"],
+    (tmp_path / "again").mkdir()
+    runs = [subprocess.Popen([sys.executable, script, str(data_root), str(out), str(devices), "16"],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
-            for devices in (2, 1)]
+            for devices, out in ((2, tmp_path), (1, tmp_path), (2, tmp_path / "again"))]
     for proc in runs:
         _, err = proc.communicate(timeout=600)
         assert proc.returncode == 0, err[-3000:]
     one = torch.load(tmp_path / "w1_rank0.pt")
     two = [torch.load(tmp_path / f"w2_rank{r}.pt") for r in (0, 1)]
     assert len(one["steps"]) == len(two[0]["steps"]) == len(two[1]["steps"]) == 3
+
+    # (seed, world size) reproduces a run, bit for bit
+    again = torch.load(tmp_path / "again" / "w2_rank0.pt")
+    for first, second in zip(two[0]["steps"], again["steps"]):
+        assert all(torch.equal(first[k], second[k]) for k in first)
+    assert all(torch.equal(v, again["final"][k]) for k, v in two[0]["final"].items())
 
     worst = {}
     for step, (whole, *halves) in enumerate(zip(one["steps"], two[0]["steps"], two[1]["steps"])):

@@ -244,11 +244,13 @@ TINY_IMAGENET = ["trainer.max_steps=3", "data.batch_size=16", "data.eval_batch_s
                  "trainer.enable_progress_bar=false"]
 
 
-def test_mcl_okd_cli_run_on_imagenette(tmp_path, imagenette):
-    """A 3-step MCL-OKD run with data=imagenet (resnet20 at 64 px until the ImageNet ResNets land)."""
+@pytest.mark.parametrize("decode", ["cpu", "device"])
+def test_mcl_okd_cli_run_on_imagenette(tmp_path, imagenette, decode):
+    """A 3-step MCL-OKD run with data=imagenet (resnet20 at 64 px until the ImageNet ResNets land),
+    decoding in the workers or, through Lightning's batch-transfer hooks, on the device (the CPU here)."""
     run_dir = tmp_path / "run"
     proc = run_train("data=imagenet", "backbone=resnet20", "peers=2", f"data.root={imagenette}", *TINY_IMAGENET,
-                     "data.image_size=64", "data.resize_size=73", f"hydra.run.dir={run_dir}")
+                     "data.image_size=64", "data.resize_size=73", f"data.decode={decode}", f"hydra.run.dir={run_dir}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((run_dir / "results.json").read_text())
     assert results["method"] == "mcl_okd" and results["peers"] == 2 and results["global_batch_size"] == 16
