@@ -157,7 +157,7 @@ class OKDDataModule(lightning.LightningDataModule):
             (``lightning.seed_everything``, as Lightning's own DistributedSampler does).
     """
 
-    #: the training dataset yields ``(index, epoch)`` pairs' samples (augmentation in workers)
+    #: the training sampler yields ``(index, epoch)`` pairs (for augmentation keyed in worker processes)
     train_sampler_yields_epoch: bool = False
 
     def __init__(self, batch_size: int, eval_batch_size: int, num_workers: int = 0, pin_memory: bool = False,
