@@ -196,12 +196,11 @@ def test_contrastive_loss_under_bf16_autocast_matches_float32():
     x = torch.randn(8, 3, 32, 32)
     indices = torch.arange(8)
     labels = labels_all[indices]
-    bank = method.memory_bank.memory.clone()
+    bank, stream = method.memory_bank.memory.clone(), method.negatives.stream.clone()
     with torch.no_grad():
-        torch.manual_seed(5)
         fp32 = method(peers(x), labels, indices)
         method.memory_bank.memory.copy_(bank)
-        torch.manual_seed(5)
+        method.negatives.stream.copy_(stream)  # the same negatives again
         with torch.autocast("cpu", dtype=torch.bfloat16):
             output = peers(x)
             assert output.features.dtype == torch.bfloat16
