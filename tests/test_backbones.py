@@ -123,7 +123,8 @@ def test_imagenet_resnet_peers_train_a_step_with_each_method(topology):
     labels_all = torch.arange(200) % 1000  # a stand-in training set: 200 samples, 200 classes
     for method_cls, options in ((MCLOKD, {"nce_k": 32, "tau": 0.07}), (Independent, {})):
         peers = PeerNetwork.from_backbone("resnet18", num_peers=2, topology=topology, num_classes=1000)
-        method = method_cls(num_peers=2, feature_dim=peers.feature_dim, **options)
+        method = method_cls(**options)
+        method.attach(peers.spec())
         method.setup_data(labels_all)
         indices = torch.tensor([0, 7, 42, 199])
         losses = method(peers(_input("resnet18", batch=4)), labels_all[indices], indices)

@@ -64,7 +64,8 @@ def test_every_method_option_composes_and_builds(method):
 
 @pytest.mark.parametrize("data", options("data"))
 def test_every_data_option_composes(data, data_root):
-    cfg = _compose([f"data={data}", f"data.root={data_root}"])
+    root = data_root / "imagenette-mini" if data == "imagenet" else data_root  # ImageNet-style folders
+    cfg = _compose([f"data={data}", f"data.root={root}"])
     datamodule = instantiate(cfg.data)
     assert datamodule.num_classes == cfg.data.num_classes == cfg.model.num_classes
 
@@ -164,7 +165,8 @@ def test_train_entry_point_independent_on_real_data(tmp_path, data_root):
     assert results["selection"] == "test-selected" and results["epochs_run"] == 1
     assert results["global_batch_size"] == 64 and results["learning_rate"] == 0.05 and results["seed"] == 0
     for part in ("final", "best", "test"):
-        assert set(results[part]) == {"peer0", "peer1", "peer2", "peer3", "peer_mean", "ensemble", "best_peer"}
+        assert set(results[part]) == {"peer0", "peer1", "peer2", "peer3", "peer_mean", "ensemble", "best_peer",
+                                      "num_images"}
         assert 0.0 <= results[part]["ensemble"]["top1"] <= 1.0 and "top5" in results[part]["peer3"]
     assert Path(results["checkpoints"]["last"]).is_file()
     assert Path(results["checkpoints"]["best"]).is_file()

@@ -58,6 +58,8 @@ class MCLOKD(OKDMethod):
             whole bank against the batch in one matrix product, then the anchors' scores picked
             out; cheaper when B (K + 1) is several times the bank size) or ``auto``. Same values
             up to float rounding.
+        bank_dtype: memory-bank storage, ``float32`` or ``bfloat16``/``float16`` (half the memory;
+            scores and updates stay float32).
     """
 
     min_peers = 2
@@ -78,6 +80,7 @@ class MCLOKD(OKDMethod):
         alpha: float = 1.0,
         beta: float = 0.025,
         bank_scoring: str = "auto",
+        bank_dtype: str = "float32",
     ) -> None:
         super().__init__()
         check_choice("method.online_teacher_targets", online_teacher_targets, TEACHER_TARGETS)
@@ -94,11 +97,12 @@ class MCLOKD(OKDMethod):
         self.online_teacher_targets = online_teacher_targets
         self.gamma, self.alpha, self.beta = gamma, alpha, beta
         self.projection_dim, self.bank_momentum, self.bank_scoring = projection_dim, bank_momentum, bank_scoring
+        self.bank_dtype = bank_dtype
         self.negatives = NegativeSampler(nce_k, positive, negatives_with_replacement)
 
     def build(self, spec: PeerSpec) -> None:
         self.heads = nn.ModuleList(ProjectionHead(c, self.projection_dim) for c in spec.feature_dims)
-        self.memory_bank = MemoryBank(spec.num_peers, 0, self.projection_dim, self.bank_momentum)
+        self.memory_bank = MemoryBank(spec.num_peers, 0, self.projection_dim, self.bank_momentum, dtype=self.bank_dtype)
 
     def setup_data(self, train_labels: Tensor) -> None:
         self.negatives.bind(train_labels)
