@@ -342,7 +342,7 @@ def test_dense_bank_scoring_equals_gathering_rows(n_peers):
         results.append((loss.detach(), f.grad, method.memory_bank.memory.clone()))
     (l1, g1, m1), (l2, g2, m2) = results
     torch.testing.assert_close(l1, l2, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-6)  # same math, another summation order
     torch.testing.assert_close(m1, m2)
     auto = attached(MCLOKD(nce_k=300), 2, 12)
     auto.setup_data(labels_all)  # 500 samples: 8 anchors x 301 rows > 4 x 500 -> dense
