@@ -16,7 +16,7 @@ import torch
 
 from mcl_lightning import checkpointing
 from mcl_lightning.checkpointing import atomic_save, newest_checkpoint, resolve_ckpt_path
-from mcl_lightning.data.resumable import ResumableSampler
+from mcl_lightning.data.resumable import ResumableOrderSampler
 from mcl_lightning.errors import ConfigError
 from mcl_lightning.validation import mid_epoch
 
@@ -45,25 +45,27 @@ def test_a_killed_writer_leaves_only_a_temporary_that_resume_removes(tmp_path):
     assert checkpointing.remove_stale_temporaries(tmp_path) == [stale] and not stale.exists()
 
 
-def test_resumable_order_continues_mid_epoch_and_draws_no_global_randomness():
-    sampler = ResumableSampler(100, seed=7)
+@pytest.mark.parametrize("world", [1, 2])
+def test_resumable_order_continues_mid_epoch_and_draws_no_global_randomness(world):
+    data = list(range(100))
+    samplers = [ResumableOrderSampler(data, world, rank, seed=7) for rank in range(world)]
     rng = torch.get_rng_state()
-    sampler.set_epoch(3)
-    full = list(sampler)
-    assert sorted(full) == list(range(100)) and torch.equal(rng, torch.get_rng_state())
-    sampler.set_epoch(3)
-    iterator = iter(sampler)
-    head = [next(iterator) for _ in range(37)]
-    state = sampler.state_dict()
-    assert state == {"seed": 7, "epoch": 3, "yielded": 37}
-    resumed = ResumableSampler(100, seed=0)
-    resumed.load_state_dict(state)
-    resumed.set_epoch(3)  # Lightning calls it again before the resumed epoch
-    assert head + list(resumed) == full
-    resumed.set_epoch(4)  # an epoch-end checkpoint: the next epoch starts from the top, in a new order
-    assert len(list(resumed)) == 100 and list(resumed) != full
-    unset = ResumableSampler(100, seed=7)  # without set_epoch (wrapped by another sampler) orders still change
-    assert list(unset) != list(unset)
+    for sampler in samplers:
+        sampler.set_epoch(3)
+    full = [list(s) for s in samplers]
+    assert sorted(sum(full, [])) == data and torch.equal(rng, torch.get_rng_state())
+    for rank, sampler in enumerate(samplers):
+        sampler.set_epoch(3)
+        iterator = iter(sampler)
+        head = [next(iterator) for _ in range(37 // world)]
+        state = sampler.state_dict()
+        assert state == {"seed": 7, "epoch": 3, "yielded": 37 // world, "num_replicas": world}
+        resumed = ResumableOrderSampler(data, world, rank, seed=0)
+        resumed.load_state_dict(state)
+        resumed.set_epoch(3)  # Lightning calls it again before the resumed epoch
+        assert head + list(resumed) == full[rank]
+        resumed.set_epoch(4)  # an epoch-end checkpoint: the next epoch starts from the top, in a new order
+        assert len(list(resumed)) == len(full[rank]) and list(resumed) != full[rank]
 
 
 def test_ckpt_path_last_finds_the_newest_checkpoint(tmp_path):

@@ -64,7 +64,8 @@ def test_every_method_option_composes_and_builds(method):
 
 @pytest.mark.parametrize("data", options("data"))
 def test_every_data_option_composes(data, data_root):
-    cfg = _compose([f"data={data}", f"data.root={data_root}"])
+    root = data_root / "imagenette-mini" if data == "imagenet" else data_root  # ImageNet-style folders
+    cfg = _compose([f"data={data}", f"data.root={root}"])
     datamodule = instantiate(cfg.data)
     assert datamodule.num_classes == cfg.data.num_classes == cfg.model.num_classes
 
@@ -164,7 +165,8 @@ def test_train_entry_point_independent_on_real_data(tmp_path, data_root):
     assert results["selection"] == "test-selected" and results["epochs_run"] == 1
     assert results["global_batch_size"] == 64 and results["learning_rate"] == 0.05 and results["seed"] == 0
     for part in ("final", "best", "test"):
-        assert set(results[part]) == {"peer0", "peer1", "peer2", "peer3", "peer_mean", "ensemble", "best_peer"}
+        assert set(results[part]) == {"peer0", "peer1", "peer2", "peer3", "peer_mean", "ensemble", "best_peer",
+                                      "num_images"}
         assert 0.0 <= results[part]["ensemble"]["top1"] <= 1.0 and "top5" in results[part]["peer3"]
     assert Path(results["checkpoints"]["last"]).is_file()
     assert Path(results["checkpoints"]["best"]).is_file()
@@ -323,3 +325,22 @@ def test_foundation_acceptance_command(tmp_path, data_root):
     results = json.loads((run_dir / "results.json").read_text())
     assert results["peers"] == 4 and {"peer3", "peer_mean", "ensemble"} <= set(results["final"])
     assert Path(results["checkpoints"]["last"]).is_file()
+
+
+def test_reproduce_command_plans_and_runs_with_tiny_limits(tmp_path, data_root):
+    """The one-GPU paper-recipe command, dry-run on CPU: probe, plan the epochs, train, reproduce.json."""
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "mcl_lightning.reproduce", "--minutes", "0.2", "--margin", "1", "--warmup-steps", "1",
+         "--probe-steps", "2", "trainer=cpu", "trainer.precision=bf16-mixed", f"data.root={data_root}",
+         f"hydra.run.dir={run_dir}", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
+         "trainer.limit_test_batches=1", "trainer.enable_progress_bar=false"],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((run_dir / "reproduce.json").read_text())
+    results = json.loads((run_dir / "results.json").read_text())
+    assert record["epochs"] == results["epochs_run"] == 1 and record["probe_images_per_s"] > 0
+    assert results["method"] == "mcl_okd" and results["backbone"] == "resnet32" and results["peers"] == 4
+    assert results["config"]["method"]["nce_k"] == 256 and results["reference"]["top1_error"]["peer"] == 24.52
+    assert "trainer.max_epochs=1" in record["command"] and set(record["test_top1"]) == {"peer3", "peer_mean", "ensemble"}

@@ -123,10 +123,16 @@ def published(reference: dict[str, Any] | None) -> dict[str, float]:
     out: dict[str, float] = {}
     for name, value in (reference.get("top1_error") or {}).items():
         out[name] = round(100.0 - float(value), 2)
-    for name, value in (reference.get("top1") or {}).items():
-        out[name] = float(value)
-    if reference.get("baseline_top1_error") is not None:
-        out["baseline"] = round(100.0 - float(reference["baseline_top1_error"]), 2)
+    for key in ("top1", "top1_accuracy"):
+        for name, value in (reference.get(key) or {}).items():
+            if not name.endswith("_std"):  # spreads stay in results.json; the table shows means
+                out[name] = float(value)
+    baseline = reference.get("baseline_top1_error")
+    if isinstance(baseline, (int, float)):
+        out["baseline"] = round(100.0 - float(baseline), 2)
+    accuracy = reference.get("baseline_top1_accuracy")
+    if isinstance(accuracy, dict) and "peer" in accuracy:
+        out["baseline"] = float(accuracy["peer"])
     return out
 
 

@@ -11,13 +11,19 @@ from omegaconf import OmegaConf
 GROUPS_ORDER = ("peer_mean", "ensemble")
 
 
-def nest_metrics(flat: dict[str, float]) -> dict[str, dict[str, float]]:
-    """{"peer0/top1": x} -> {"peer0": {"top1": x}} (drops bookkeeping keys such as "epoch")."""
-    nested: dict[str, dict[str, float]] = {}
+COUNT_KEY = "num_images"  # how many images the metrics were computed on (kept, as an int)
+
+
+def nest_metrics(flat: dict[str, float]) -> dict[str, dict[str, float] | int]:
+    """{"peer0/top1": x} -> {"peer0": {"top1": x}}; keeps ``num_images``, drops other bookkeeping
+    keys such as "epoch"."""
+    nested: dict[str, dict[str, float] | int] = {}
     for key, value in flat.items():
         if "/" in key:
             group, metric = key.split("/", 1)
             nested.setdefault(group, {})[metric] = value
+        elif key == COUNT_KEY:
+            nested[key] = int(value)
     return nested
 
 
@@ -30,7 +36,7 @@ def summarise(history: list[dict[str, float]]) -> dict[str, Any]:
     """
     if not history:
         return {"final": {}, "best": {}, "best_epoch": None, "max_over_epochs": {}}
-    keys = [k for k in history[-1] if k != "epoch"]
+    keys = [k for k in history[-1] if k not in ("epoch", COUNT_KEY)]
     best_entry = max(history, key=lambda entry: entry["best_peer/top1"])
     maxima = {k: max(entry[k] for entry in history) for k in keys}
     return {

@@ -2,6 +2,17 @@
 
 from mcl_lightning.contrast.memory_bank import MemoryBank
 from mcl_lightning.contrast.negatives import POSITIVE_MODES, NegativeSampler
-from mcl_lightning.contrast.nce import float32_region, multi_view_nce, nce_loss, pairwise_scores
+from mcl_lightning.contrast.nce import (
+    dense_pairwise_logits,
+    float32_region,
+    multi_view_nce,
+    multi_view_nce_from_logits,
+    nce_loss,
+    pairwise_logits,
+    pairwise_scores,
+)
 
-__all__ = ["MemoryBank", "float32_region", "NegativeSampler", "POSITIVE_MODES", "multi_view_nce", "nce_loss", "pairwise_scores"]
+__all__ = [
+    "MemoryBank", "NegativeSampler", "POSITIVE_MODES", "dense_pairwise_logits", "float32_region", "multi_view_nce",
+    "multi_view_nce_from_logits", "nce_loss", "pairwise_logits", "pairwise_scores",
+]

@@ -83,8 +83,8 @@ class OKDMethod(nn.Module):
         if spec.heterogeneous and not self.accepts_heterogeneous:
             names = ", ".join(spec.backbones) if spec.backbones else f"feature widths {spec.feature_dims}"
             raise ConfigError(
-                f"method {self.name!r} needs peers of one backbone sharing a trunk, as its reference; got "
-                f"different peers ({names}). Heterogeneous peers work with {', '.join(heterogeneous_methods())}"
+                f"method {self.name!r} needs peers of one backbone, as its reference; got different peers "
+                f"({names}). Heterogeneous peers work with {', '.join(heterogeneous_methods())}"
             )
         if self.requires_shared_trunk and spec.trunk_channels is None:
             raise ConfigError(

@@ -16,7 +16,14 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from mcl_lightning.contrast import MemoryBank, NegativeSampler, float32_region, multi_view_nce
+from mcl_lightning.contrast import (
+    MemoryBank,
+    NegativeSampler,
+    dense_pairwise_logits,
+    float32_region,
+    multi_view_nce_from_logits,
+    pairwise_logits,
+)
 from mcl_lightning.errors import ConfigError
 from mcl_lightning.methods.base import OKDMethod, register_method
 from mcl_lightning.methods.losses import cross_entropy_per_peer, distill_kl
@@ -25,6 +32,7 @@ from mcl_lightning.models.peers import PeerOutput, PeerSpec
 from mcl_lightning.registry import check_choice
 
 TEACHER_TARGETS = ("last", "all")
+BANK_SCORING = ("auto", "gather", "dense")
 
 
 @register_method("mcl_okd")
@@ -46,6 +54,12 @@ class MCLOKD(OKDMethod):
         kd_temperature: T of the online-teacher term (3).
         online_teacher_targets: ``last`` (reference: only peer N-1) or ``all``.
         gamma, alpha, beta: weights of the CE sum, the online-teacher term and the NCE sum.
+        bank_scoring: ``gather`` (each anchor's K + 1 bank rows, as the reference), ``dense`` (the
+            whole bank against the batch in one matrix product, then the anchors' scores picked
+            out; cheaper when B (K + 1) is several times the bank size) or ``auto``. Same values
+            up to float rounding.
+        bank_dtype: memory-bank storage, ``float32`` or ``bfloat16``/``float16`` (half the memory;
+            scores and updates stay float32).
     """
 
     min_peers = 2
@@ -65,9 +79,12 @@ class MCLOKD(OKDMethod):
         gamma: float = 1.0,
         alpha: float = 1.0,
         beta: float = 0.025,
+        bank_scoring: str = "auto",
+        bank_dtype: str = "float32",
     ) -> None:
         super().__init__()
         check_choice("method.online_teacher_targets", online_teacher_targets, TEACHER_TARGETS)
+        check_choice("method.bank_scoring", bank_scoring, BANK_SCORING)
         if tau <= 0 or kd_temperature <= 0:
             raise ConfigError(f"method.tau and method.kd_temperature must be > 0, got {tau} and {kd_temperature}")
         if projection_dim < 1:
@@ -79,12 +96,13 @@ class MCLOKD(OKDMethod):
         self.tau, self.eps, self.kd_temperature = tau, eps, kd_temperature
         self.online_teacher_targets = online_teacher_targets
         self.gamma, self.alpha, self.beta = gamma, alpha, beta
-        self.projection_dim, self.bank_momentum = projection_dim, bank_momentum
+        self.projection_dim, self.bank_momentum, self.bank_scoring = projection_dim, bank_momentum, bank_scoring
+        self.bank_dtype = bank_dtype
         self.negatives = NegativeSampler(nce_k, positive, negatives_with_replacement)
 
     def build(self, spec: PeerSpec) -> None:
         self.heads = nn.ModuleList(ProjectionHead(c, self.projection_dim) for c in spec.feature_dims)
-        self.memory_bank = MemoryBank(spec.num_peers, 0, self.projection_dim, self.bank_momentum)
+        self.memory_bank = MemoryBank(spec.num_peers, 0, self.projection_dim, self.bank_momentum, dtype=self.bank_dtype)
 
     def setup_data(self, train_labels: Tensor) -> None:
         self.negatives.bind(train_labels)
@@ -104,10 +122,23 @@ class MCLOKD(OKDMethod):
         with float32_region(labels.device):  # heads, scores and bank update all in float32
             z = torch.stack([head(f.float()) for head, f in zip(self.heads, features)])  # (N, B, D)
             contrast_idx = self.negatives(indices, labels)  # (B, K + 1)
-            rows = self.memory_bank.gather(contrast_idx)  # (N, B, K + 1, D): one gather per bank
-            loss = multi_view_nce(rows, z, self.tau, self.memory_bank.num_samples, self.eps)
+            if self._dense_scoring(contrast_idx.shape):
+                # a snapshot: the product saves the bank for backward, and the update below is in place
+                logits = dense_pairwise_logits(self.memory_bank.memory.clone(), contrast_idx, z)
+            else:
+                rows = self.memory_bank.gather(contrast_idx)  # (N, B, K + 1, D): one gather per bank
+                logits = pairwise_logits(rows, z)
+            loss = multi_view_nce_from_logits(logits, self.tau, self.memory_bank.num_samples, self.eps)
             self.memory_bank.update(indices, z.detach())
         return loss
+
+    def _dense_scoring(self, contrast_shape: torch.Size) -> bool:
+        """Score the whole bank (one GEMM) rather than gather rows, when the gathered rows would
+        outnumber the bank a few times over (``bank_scoring="auto"``); shapes only, no host sync."""
+        if self.bank_scoring != "auto":
+            return self.bank_scoring == "dense"
+        batch, k1 = contrast_shape
+        return batch * k1 > 4 * self.memory_bank.num_samples and k1 * 4 > self.memory_bank.num_samples
 
     def forward(self, output: PeerOutput, labels: Tensor, indices: Tensor) -> dict[str, Tensor]:
         return {
