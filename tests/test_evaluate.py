@@ -24,7 +24,8 @@ def test_evaluate_cli_equals_what_training_logged_for_the_same_checkpoint(finish
     evaluated = json.loads(out.read_text())
     assert evaluated["test_images"] == 10_000 and evaluated["epoch"] == 1
     trained = json.loads((finished_run / "results.json").read_text())["test"]  # training's test pass, last weights
-    assert set(evaluated["test"]) == {"peer0", "peer1", "peer_mean", "ensemble", "best_peer"}
+    assert set(evaluated["test"]) - {"num_images"} == {"peer0", "peer1", "peer_mean", "ensemble", "best_peer"}
+    assert evaluated["test"].get("num_images", 10_000) == 10_000  # every test image exactly once
     assert evaluated["test"] == trained
     logged = [row for row in csv.DictReader((finished_run / "csv" / "metrics.csv").open()) if row.get("test/ensemble/top1")]
     assert float(logged[-1]["test/ensemble/top1"]) == pytest.approx(evaluated["test"]["ensemble"]["top1"], abs=1e-7)
