@@ -3,8 +3,10 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DATA_ROOT ?= $(or $(MCL_DATA_ROOT),../shared/data)
+# OpenMP threads busy-wait by default; on a shared machine that makes small CPU ops 5-20x slower.
+OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: install test test-all train benchmark reproduce-gpu clean
+.PHONY: install test test-all train bench bench-gpu benchmark reproduce-gpu clean
 
 install:
 	$(PYTHON) -m venv $(VENV)
@@ -12,16 +14,25 @@ install:
 	$(PY) -m pip install -e ".[dev]"
 
 test:
-	MCL_DATA_ROOT=$(DATA_ROOT) $(PY) -m pytest -m "not slow" -q
+	MCL_DATA_ROOT=$(DATA_ROOT) OMP_WAIT_POLICY=$(OMP_WAIT_POLICY) $(PY) -m pytest -m "not slow" -q
 
 test-all:
-	MCL_DATA_ROOT=$(DATA_ROOT) $(PY) -m pytest -q
+	MCL_DATA_ROOT=$(DATA_ROOT) OMP_WAIT_POLICY=$(OMP_WAIT_POLICY) $(PY) -m pytest -q
 
 train:
 	$(PY) -m mcl_lightning.train peers=4 backbone=resnet56 data.root=$(DATA_ROOT)
 
-benchmark:
-	$(PY) benchmarks/throughput.py --data-root $(DATA_ROOT)
+# Throughput of every method and the data path against the plain cross-entropy floor, in one
+# run (python -m mcl_lightning.bench; docs/benchmarks.md). Under 5 minutes on 2 CPU cores.
+bench:
+	OMP_WAIT_POLICY=$(OMP_WAIT_POLICY) $(PY) -m mcl_lightning.bench --data-root $(DATA_ROOT) --json outputs/bench/cpu.json
+
+# The whole GPU table (paper batch, batch 256, fused vs looped peers, eager baseline) in under
+# 5 minutes; commit its JSON and the card's name into docs/benchmarks.md.
+bench-gpu:
+	$(PY) -m mcl_lightning.bench --preset gpu --device cuda --data-root $(DATA_ROOT) --json outputs/bench/gpu.json
+
+benchmark: bench
 
 # The paper's ResNet-32 x 4 MCL-OKD recipe on one GPU, as many epochs as fit in 8 minutes.
 reproduce-gpu:

@@ -56,7 +56,7 @@ CASES = {
     "unknown peer backbone": (["peers=[resnet20,resnet99]"], ["unknown backbone 'resnet99'", "resnet56"]),
     "unknown method": (["method=foo"], ["unknown method 'foo'", "mcl_okd", "independent"]),
     "unknown data set": (["data=imagenet21k"], ["unknown data 'imagenet21k'", "cifar100", "cifar10"]),
-    "unknown dataset name": (["data.dataset=svhn"], ["unknown data.dataset 'svhn'", "cifar10, cifar100"]),
+    "unknown dataset name": (["data.dataset=svhn"], ["unknown data.dataset 'svhn'; choose one of", "cifar10, cifar100"]),
     "unknown trainer": (["trainer=tpu"], ["unknown trainer 'tpu'", "cpu", "ddp"]),
     "unknown option": (["method.nce_kk=3"], ["method.nce_kk", "+method.nce_kk=3"]),
     "tau<=0": (["method.tau=0"], ["method.tau", "must be > 0"]),

@@ -304,9 +304,9 @@ def test_each_bank_is_gathered_once_per_step(monkeypatch):
     calls = []
     original = MemoryBank.gather
 
-    def counting_gather(self, indices):
+    def counting_gather(self, indices, **kwargs):
         calls.append(indices.shape)
-        return original(self, indices)
+        return original(self, indices, **kwargs)
 
     monkeypatch.setattr(MemoryBank, "gather", counting_gather)
     method.contrastive(torch.randn(4, 6, 16), labels_all[:6], torch.arange(6))

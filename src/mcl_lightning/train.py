@@ -32,6 +32,7 @@ from mcl_lightning.errors import ConfigError, NonFiniteLossError, UserError
 from mcl_lightning.guards import NonFiniteLossGuard
 from mcl_lightning.methods import OKDMethod
 from mcl_lightning.models import PeerNetwork
+from mcl_lightning.perf import apply_perf
 from mcl_lightning.progress import LossTermsProgressBar
 from mcl_lightning.results import format_table, run_results, write_results
 from mcl_lightning.spec import method_spec
@@ -61,6 +62,7 @@ def build(cfg: DictConfig, run_dir: Path, ckpt_path: Path | None) -> tuple[Any, 
         diffs = validation.checkpoint_differences(meta, peers.build_spec, method_spec(method), data_options(cfg))
         if diffs:
             raise validation.incompatible(ckpt_path, diffs)
+    peers, method = apply_perf(peers, method, cfg.get("perf"))  # speed switches (perf.*), maths unchanged
     datamodule = instantiate(cfg.data)
     system = OKDSystem(peers, method, num_classes=datamodule.num_classes, **OmegaConf.to_container(cfg.optim, resolve=True))
     # A resumed run keeps writing to the checkpoint's own folder: ModelCheckpoint restores its best

@@ -67,10 +67,18 @@ class MemoryBank(nn.Module):
         memory = torch.rand(self.num_peers, num_samples, self.dim, device=device, generator=generator)
         self.memory = memory.mul_(2 * stdv).add_(-stdv).to(self.dtype)
 
-    def gather(self, indices: Tensor) -> Tensor:
-        """Rows at ``indices`` (any shape) of every bank: (num_peers, *indices.shape, dim)."""
+    def gather(self, indices: Tensor, out: Tensor | None = None) -> Tensor:
+        """Rows at ``indices`` (any shape) of every bank: (num_peers, *indices.shape, dim).
+
+        ``out``: optional float32 buffer of num_peers * indices.numel() * dim elements to write them
+        into (a reused buffer spares the page faults of a fresh large allocation on CPU).
+        """
         # index_select on the flat indices: on CPU several times faster than advanced indexing.
-        rows = self.memory.index_select(1, indices.reshape(-1))
+        flat = indices.reshape(-1)
+        if out is None:
+            rows = self.memory.index_select(1, flat)
+        else:
+            rows = torch.index_select(self.memory, 1, flat, out=out.view(self.num_peers, flat.numel(), self.dim))
         return rows.view(self.num_peers, *indices.shape, self.dim)
 
     @torch.no_grad()

@@ -17,6 +17,7 @@ from mcl_lightning.data.base import InMemoryDataset, OKDData, OKDDataModule, alr
 from mcl_lightning.data.cifar import CIFARDataModule
 from mcl_lightning.data.imagenet import ImageNetDataModule
 from mcl_lightning.data.sampling import EvalShardSampler, GlobalOrderSampler
+from mcl_lightning.data.resident import DeviceResidentLoader
 
 __all__ = [
     "CIFAR10_MEAN",
@@ -24,6 +25,7 @@ __all__ = [
     "CIFAR100_MEAN",
     "CIFAR100_STD",
     "CIFARDataModule",
+    "DeviceResidentLoader",
     "EvalShardSampler",
     "GlobalOrderSampler",
     "IMAGENET_MEAN",

@@ -104,14 +104,17 @@ def random_crop_flip(
         flip = (torch.rand(b, generator=generator, device=rng_device) < 0.5).to(device)
 
     padded = F.pad(images_uint8, (padding, padding, padding, padding), mode="constant", value=0)
+    hp, wp = h + 2 * padding, w + 2 * padding
     rows = top[:, None] + torch.arange(h, device=device)  # (B, H) rows of the padded image
     cols = left[:, None] + torch.arange(w, device=device)  # (B, W)
     # A flipped crop reads the same columns right to left.
     cols = torch.where(flip[:, None], cols.flip(1), cols)
-    batch_idx = torch.arange(b, device=device)[:, None, None, None]
-    chan_idx = torch.arange(c, device=device)[None, :, None, None]
-    # One gather for the whole batch: (B,1,1,1), (1,C,1,1), (B,1,H,1), (B,1,1,W) -> (B,C,H,W).
-    return padded[batch_idx, chan_idx, rows[:, None, :, None], cols[:, None, None, :]]
+    # One index_select over the flat padded batch (on CPU about 3x faster than advanced indexing):
+    # offset of (b, c, row, col) = ((b C + c) Hp + row) Wp + col.
+    plane = hp * wp
+    offsets = (rows * wp + (torch.arange(b, device=device) * (c * plane))[:, None])[:, :, None] + cols[:, None, :]
+    offsets = offsets[:, None] + torch.arange(0, c * plane, plane, device=device)[None, :, None, None]
+    return padded.view(-1).index_select(0, offsets.view(-1)).view(b, c, h, w)
 
 
 def sample_key(seed: int, epoch: int, index: int) -> int:

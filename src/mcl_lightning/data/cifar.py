@@ -22,12 +22,14 @@ from torch.utils.data import DataLoader
 from torchvision.datasets import CIFAR10, CIFAR100
 from torchvision.datasets.utils import download_and_extract_archive
 
+from mcl_lightning.data.resident import DeviceResidentLoader
 from mcl_lightning.data.augment import (
     CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, normalize, random_crop_flip,
 )
 from mcl_lightning.data.base import (
     Batch, InMemoryDataset, OKDDataModule, already_batched, check_val_split, holdout_size, stratified_split,
 )
+from mcl_lightning.data.resumable import ResumableOrderSampler
 from mcl_lightning.data.samplers import ClassBalancedBatchSampler, check_samples_per_class
 from mcl_lightning.errors import ConfigError, DatasetIntegrityError, DatasetNotFoundError
 from mcl_lightning.paths import default_data_root
@@ -94,7 +96,7 @@ class CIFARDataModule(OKDDataModule):
                  num_workers: int = 0, val_split: int | float = 0, split_seed: int = 0,
                  download: bool = True, check_integrity: bool = True, augment: bool = True,
                  pin_memory: bool = False, drop_last: bool = False, seed: int | None = None,
-                 samples_per_class: int | None = None) -> None:
+                 samples_per_class: int | None = None, device_resident: bool = False) -> None:
         super().__init__(batch_size, eval_batch_size, num_workers, pin_memory, drop_last, seed)
         check_choice("data.dataset", dataset, sorted(_SPECS))
         self.samples_per_class = check_samples_per_class(samples_per_class, batch_size)  # MCL's m-per-class batches
@@ -108,6 +110,7 @@ class CIFARDataModule(OKDDataModule):
         self.root, self.dataset = root, dataset
         self.val_split, self.split_seed = val_split, split_seed
         self.download, self.check_integrity, self.augment = download, check_integrity, augment
+        self.device_resident = device_resident  # training set on the training device (data/resident.py)
         self.mean, self.std = self.spec.mean, self.spec.std
         self.classes: list[str] | None = None
 
@@ -219,7 +222,9 @@ class CIFARDataModule(OKDDataModule):
         images, labels = zip(*(self._decode(folder / name) for name in names))
         return (images[0], labels[0]) if len(names) == 1 else (torch.cat(images), torch.cat(labels))
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> DataLoader | DeviceResidentLoader:
+        if self.device_resident and not self.samples_per_class:
+            return self._resident_loader(self._require(self.train_dataset))
         if not self.samples_per_class:
             return super().train_dataloader()
         # class-balanced batches (data/samplers.py); each rank keeps whole classes of the global batch
@@ -228,6 +233,16 @@ class CIFARDataModule(OKDDataModule):
         return DataLoader(self._require(self.train_dataset), batch_sampler=batches, num_workers=self.num_workers,
                           pin_memory=self.pin_memory and torch.cuda.is_available(),
                           persistent_workers=self.num_workers > 0, collate_fn=self.collate_fn())
+
+    def _resident_loader(self, dataset: Any) -> DeviceResidentLoader:
+        """The training set on the training device, the same batches as the DataLoader (one device only)."""
+        trainer = self.trainer
+        if trainer is not None and trainer.world_size > 1:
+            raise ConfigError("data.device_resident=true serves one device; set it false under DDP")
+        device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+        sampler = ResumableOrderSampler(dataset, self.world_size, self.rank, self.data_seed)  # the loader's order
+        return DeviceResidentLoader(dataset.images, dataset.labels, self.per_device_batch_size, device,
+                                    drop_last=self.drop_last, sampler=sampler)
 
     def _load(self) -> None:
         folder = self.data_dir
