@@ -20,6 +20,8 @@ from mcl_lightning.methods import OKDMethod
 from mcl_lightning.models import PeerNetwork, count_parameters
 from mcl_lightning.train import build_network
 
+from conftest import find_data_root
+
 CONF = Path(__file__).resolve().parents[1] / "conf"
 EXPERIMENTS = sorted(str(p.relative_to(CONF / "experiment").with_suffix("")) for p in (CONF / "experiment").rglob("*.yaml"))
 STAND_INS = {"method": "independent", "data": "cifar100"}  # used while a named config does not exist yet
@@ -48,6 +50,11 @@ def missing_groups(experiment: str) -> dict[str, str]:
 
 def compose_experiment(experiment: str, stand_ins: bool = False) -> DictConfig:
     overrides = [f"experiment={experiment}"]
+    if chosen(experiment, "data") == "imagenet":  # ImageNet-style folders: the class count comes from them
+        root = find_data_root()
+        if root is None:
+            pytest.skip("real data not found: set MCL_DATA_ROOT or put it at ../shared/data")
+        overrides.append(f"data.root={root / 'imagenette-mini'}")
     if stand_ins:
         overrides += [f"{group}={STAND_INS[group]}" for group in missing_groups(experiment)]
     with initialize_config_module("mcl_lightning.conf", version_base="1.3"):
