@@ -6,7 +6,7 @@ DATA_ROOT ?= $(or $(MCL_DATA_ROOT),../shared/data)
 # OpenMP threads busy-wait by default; on a shared machine that makes small CPU ops 5-20x slower.
 OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: install test test-all train bench bench-gpu benchmark clean
+.PHONY: install test test-all train bench bench-gpu benchmark reproduce-gpu clean
 
 install:
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ bench-gpu:
 	$(PY) -m mcl_lightning.bench --preset gpu --device cuda --data-root $(DATA_ROOT) --json outputs/bench/gpu.json
 
 benchmark: bench
+
+# The paper's ResNet-32 x 4 MCL-OKD recipe on one GPU, as many epochs as fit in 8 minutes.
+reproduce-gpu:
+	$(PY) -m mcl_lightning.reproduce --minutes 8 data.root=$(DATA_ROOT)
 
 clean:
 	rm -rf outputs multirun lightning_logs .pytest_cache build dist

@@ -36,3 +36,29 @@ def attached(method, num_peers: int, width: int, num_classes: int = 100):
 
     method.attach(PeerSpec(num_peers, (width,) * num_peers, num_classes, "shared_trunk", trunk_channels=16))
     return method
+
+
+# A small finished CLI run, shared by the checkpoint, evaluation, curves and bad-input tests (which
+# must not change it). Its test pass covers the whole test set, so evaluation can be compared to it.
+FINISHED_RUN = [
+    "peers=2", "backbone=resnet20", "method.nce_k=32", "method.projection_dim=16", "data.batch_size=32",
+    "data.eval_batch_size=500", "trainer.max_epochs=2", "trainer.limit_train_batches=3",
+    "trainer.limit_val_batches=2", "trainer.limit_test_batches=1.0", "trainer.enable_progress_bar=false",
+]
+
+
+def run_cli(module: str, *args: str, env: dict | None = None, timeout: int = 900, **kwargs):
+    """``python -m <module> args...`` with captured text output."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=timeout, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def finished_run(data_root, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("finished") / "run"
+    proc = run_cli("mcl_lightning.train", *FINISHED_RUN, f"data.root={data_root}", f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir

@@ -200,8 +200,10 @@ def test_download_success_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
 
 def test_root_resolution(data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("MCL_DATA_ROOT", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     module = CIFARDataModule()  # constructing needs no data
     assert module.num_classes == 100
+    assert module.data_dir == tmp_path / "cache" / "mcl_lightning" / "data" / "cifar-100-python"  # the default folder
     with pytest.raises(DatasetNotFoundError, match=r"data\.root.*MCL_DATA_ROOT"):
         module.setup()
     monkeypatch.setenv("MCL_DATA_ROOT", str(data_root))

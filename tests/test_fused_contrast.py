@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from mcl_lightning.contrast import MemoryBank, NegativeSampler, Workspace, fused_multi_view_nce, multi_view_nce
-from mcl_lightning.contrast.negatives import first_distinct
 from mcl_lightning.methods import MCLOKD
 
 from conftest import attached
@@ -87,9 +86,9 @@ def test_method_path_equals_the_autograd_formula_in_both_scorings():
             features = torch.randn(3, 8, 12, requires_grad=True)
             indices = torch.arange(8) * 7 + step
             bank = method.memory_bank.memory.clone()
-            torch.manual_seed(10 + step)
+            stream = method.negatives.stream.clone()  # the sampler's (seed, step): rewind it to redraw
             idx = method.negatives(indices, labels_all[indices])
-            torch.manual_seed(10 + step)
+            method.negatives.stream.copy_(stream)
             loss = method.contrastive(features, labels_all[indices], indices)
             loss.backward()
             f_ref = features.detach().clone().requires_grad_(True)
@@ -108,36 +107,26 @@ def test_memory_bank_gather_into_a_buffer():
     assert rows.data_ptr() == out.data_ptr() and torch.equal(rows, bank.gather(idx))
 
 
-def test_first_distinct_keeps_the_first_k_distinct_values_in_order():
-    values = torch.tensor([[3, 3, 1, 4, 1, 5, 9, 2, 6], [0, 0, 0, 7, 7, 1, 0, 2, 8]])
-    assert first_distinct(values, 4, 10).tolist() == [[3, 1, 4, 5], [0, 7, 1, 2]]
-    table = torch.full((2 * 10,), torch.iinfo(torch.int32).max, dtype=torch.int32)
-    assert first_distinct(values, 4, 10, table).tolist() == [[3, 1, 4, 5], [0, 7, 1, 2]]
-    assert (table == torch.iinfo(torch.int32).max).all()  # the scratch is left clean for the next call
-    g = torch.Generator().manual_seed(0)
-    big = torch.randint(0, 1000, (16, 900), generator=g)
-    out = first_distinct(big, 300, 1000)
-    for row, picked in zip(big.tolist(), out.tolist()):
-        expected = list(dict.fromkeys(row))[:300]
-        assert picked == expected
+def test_one_pass_and_autograd_paths_of_the_method_agree():
+    """MCLOKD uses the one-pass loss on one process with float32 banks and the autograd path
+    otherwise (DDP: global normaliser; half-precision banks): the same loss, gradients and banks."""
+    from conftest import attached
 
+    from mcl_lightning.methods import MCLOKD
 
-def test_sampler_table_path_draws_uniform_subsets_in_random_order():
-    """The table path (small pools) gives distinct, other-class negatives, every candidate equally
-    often, and every position of the row equally likely to hold a given candidate."""
-    labels_all = torch.arange(500) % 10  # 450 negatives per anchor
-    sampler = NegativeSampler(k=150)
-    sampler.bind(labels_all)
-    assert sampler.draws and 64 * sampler.largest_pool <= (1 << 24)
-    torch.manual_seed(0)
-    anchor = torch.zeros(3000, dtype=torch.long)
-    idx = sampler(anchor, labels_all[anchor])[:, 1:]
-    assert all(len(set(row)) == 150 for row in idx[:50].tolist())
-    assert (labels_all[idx] != 0).all()
-    counts = torch.bincount(idx.flatten(), minlength=500)[labels_all != 0].float()
-    expected = 3000 * 150 / 450  # 1000 each
-    assert counts.min() > expected - 6 * math.sqrt(expected) and counts.max() < expected + 6 * math.sqrt(expected)
-    # order within rows: candidate 1's column is uniform over the 150 columns
-    cols = (idx == 1).float().argmax(1)[(idx == 1).any(1)]
-    hist = torch.bincount(cols // 15, minlength=10).float()
-    assert hist.min() > 0.6 * hist.mean() and hist.max() < 1.4 * hist.mean()
+    labels_all = torch.arange(500) % 10
+    features = torch.randn(3, 8, 12)
+    results = []
+    for one_pass in (True, False):
+        torch.manual_seed(0)
+        method = attached(MCLOKD(nce_k=40, projection_dim=16), 3, 12)
+        method.setup_data(labels_all)
+        method._one_pass = lambda z, flag=one_pass: flag  # noqa: E731  (force the path)
+        f = features.clone().requires_grad_(True)
+        loss = method.contrastive(f, labels_all[:8], torch.arange(8))
+        loss.backward()
+        results.append((loss.detach(), f.grad, method.memory_bank.memory.clone()))
+    (l1, g1, m1), (l2, g2, m2) = results
+    torch.testing.assert_close(l1, l2, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(m1, m2)

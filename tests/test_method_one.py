@@ -221,7 +221,7 @@ def test_short_real_cifar100_run_through_the_cli(tmp_path, data_root):
     assert results["method"] == "one" and results["peers"] == 2 and results["topology"] == "shared_trunk"
     assert results["ensemble"] == ONE.ensemble_description
     for part in ("final", "test"):
-        assert set(results[part]) == {"peer0", "peer1", "peer_mean", "ensemble", "best_peer"}
+        assert set(results[part]) == {"peer0", "peer1", "peer_mean", "ensemble", "best_peer", "num_images"}
         assert 0.0 <= results[part]["ensemble"]["top1"] <= 1.0
     assert results["config"]["method"]["kd_temperature"] == 3.0
     rows = list(csv.DictReader((run_dir / "csv" / "metrics.csv").open()))

@@ -19,19 +19,39 @@ from mcl_lightning.models import (
 )
 
 # Exact counts at 100 classes. Reference figures (method.md §2, §9.4): ResNet-32 0.4728M,
-# ResNet-110 (bottleneck) 1.1709M; WRN-16-2 1.407M and WRN-40-2 4.510M for two independent nets.
+# ResNet-110 (bottleneck) 1.1709M, DenseNet-40-12 0.1881M, VGG-16 14.7744M, HCGNet-A1 1.1027M;
+# WRN-16-2 1.407M, WRN-40-2 4.510M and ShuffleNetV2-1x 2.712M for two independent nets.
+# HCGNet-A2, ShuffleNetV2-0.5x and WRN-28-4 have no published count (tests/test_backbones.py checks
+# their structure). ImageNet ResNet-18/34 at 1000 classes: tests/test_backbones.py.
 PLAIN_PARAMS = {
+    "densenet40_12": 188_092,
+    "hcgnet_a1": 1_102_651,
+    "hcgnet_a2": 3_133_679,
+    "resnet18": 11_227_812,
     "resnet20": 278_324,
     "resnet32": 472_756,
+    "resnet34": 21_335_972,
     "resnet56": 861_620,
     "resnet110": 1_736_564,
     "resnet110_bottleneck": 1_170_868,
+    "shufflenetv2_0_5": 444_292,
+    "shufflenetv2_1_0": 1_356_104,
+    "vgg16": 14_774_436,
     "wrn_16_2": 703_284,
+    "wrn_28_4": 5_872_180,
     "wrn_40_2": 2_255_156,
 }
-# Four shared-trunk peers, projection heads excluded (method.md §2 and §9.4, in millions).
-REFERENCE_SHARED_TRUNK_X4 = {"resnet32": 1.820, "resnet110_bottleneck": 4.517, "wrn_16_2": 2.713, "wrn_40_2": 8.698}
-FEATURE_DIM = {"resnet110_bottleneck": 256, "wrn_16_2": 128, "wrn_40_2": 128}
+# Four shared-trunk peers, projection heads excluded (method.md §2 and §9.4, in millions; VGG-16
+# 53.88M, stated to two decimals, and ImageNet ResNets: tests/test_backbones.py).
+REFERENCE_SHARED_TRUNK_X4 = {
+    "resnet32": 1.820, "resnet110_bottleneck": 4.517, "wrn_16_2": 2.713, "wrn_40_2": 8.698,
+    "densenet40_12": 0.592, "hcgnet_a1": 4.057, "shufflenetv2_1_0": 5.332,
+}
+FEATURE_DIM = {
+    "resnet110_bottleneck": 256, "wrn_16_2": 128, "wrn_40_2": 128, "wrn_28_4": 256, "vgg16": 512,
+    "densenet40_12": 132, "hcgnet_a1": 414, "hcgnet_a2": 716, "shufflenetv2_0_5": 1024,
+    "shufflenetv2_1_0": 1024, "resnet18": 512, "resnet34": 512,
+}
 
 
 def test_registry_lists_every_backbone_with_a_count():
@@ -52,6 +72,10 @@ def test_reference_parameter_counts_in_millions():
     assert round(PLAIN_PARAMS["resnet110_bottleneck"] / 1e6, 4) == 1.1709
     assert round(2 * PLAIN_PARAMS["wrn_16_2"] / 1e6, 3) == 1.407
     assert round(2 * PLAIN_PARAMS["wrn_40_2"] / 1e6, 3) == 4.510
+    assert round(PLAIN_PARAMS["densenet40_12"] / 1e6, 4) == 0.1881
+    assert round(PLAIN_PARAMS["vgg16"] / 1e6, 4) == 14.7744
+    assert round(PLAIN_PARAMS["hcgnet_a1"] / 1e6, 4) == 1.1027
+    assert round(2 * PLAIN_PARAMS["shufflenetv2_1_0"] / 1e6, 3) == 2.712
     for name, millions in REFERENCE_SHARED_TRUNK_X4.items():
         peers = PeerNetwork.from_backbone(name, num_peers=4, topology="shared_trunk")
         assert round(count_parameters(peers) / 1e6, 3) == millions, name

@@ -64,7 +64,8 @@ def test_every_method_option_composes_and_builds(method):
 
 @pytest.mark.parametrize("data", options("data"))
 def test_every_data_option_composes(data, data_root):
-    cfg = _compose([f"data={data}", f"data.root={data_root}"])
+    root = data_root / "imagenette-mini" if data == "imagenet" else data_root  # ImageNet-style folders
+    cfg = _compose([f"data={data}", f"data.root={root}"])
     datamodule = instantiate(cfg.data)
     assert datamodule.num_classes == cfg.data.num_classes == cfg.model.num_classes
 
@@ -164,7 +165,8 @@ def test_train_entry_point_independent_on_real_data(tmp_path, data_root):
     assert results["selection"] == "test-selected" and results["epochs_run"] == 1
     assert results["global_batch_size"] == 64 and results["learning_rate"] == 0.05 and results["seed"] == 0
     for part in ("final", "best", "test"):
-        assert set(results[part]) == {"peer0", "peer1", "peer2", "peer3", "peer_mean", "ensemble", "best_peer"}
+        assert set(results[part]) == {"peer0", "peer1", "peer2", "peer3", "peer_mean", "ensemble", "best_peer",
+                                      "num_images"}
         assert 0.0 <= results[part]["ensemble"]["top1"] <= 1.0 and "top5" in results[part]["peer3"]
     assert Path(results["checkpoints"]["last"]).is_file()
     assert Path(results["checkpoints"]["best"]).is_file()
@@ -173,12 +175,22 @@ def test_train_entry_point_independent_on_real_data(tmp_path, data_root):
 
 
 def test_mcl_okd_run_logs_three_loss_terms_per_epoch(tmp_path, data_root):
+    """The design card's command as typed (no data.root, no MCL_DATA_ROOT): the default data folder."""
+    cache = tmp_path / "cache"
+    (cache / "mcl_lightning" / "data").mkdir(parents=True)  # the per-user default, with the data in it
+    (cache / "mcl_lightning" / "data" / "cifar-100-python").symlink_to(data_root / "cifar-100-python")
+    env = {k: v for k, v in os.environ.items() if k != "MCL_DATA_ROOT"}
     run_dir = tmp_path / "run"
     with_progress_bar = [o for o in TINY if "progress_bar" not in o and "max_epochs" not in o]
-    proc = run_train("peers=4", "backbone=resnet20", f"data.root={data_root}", "method.nce_k=256",
-                     f"hydra.run.dir={run_dir}", *with_progress_bar, "trainer.max_epochs=2")
+    proc = subprocess.run([sys.executable, "-m", "mcl_lightning.train", "peers=4", "backbone=resnet20", "method.nce_k=256",
+                           f"hydra.run.dir={run_dir}", *with_progress_bar, "trainer.max_epochs=2"],
+                          capture_output=True, text=True, env={**env, "XDG_CACHE_HOME": str(cache)}, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "Epoch 1: 100%" in proc.stdout  # long work shows progress (TQDM bar)
+    assert "Epoch 1: 100%" in proc.stdout  # long work shows progress (TQDM bar) ...
+    for term in ("ce=", "online_teacher_kd=", "contrastive="):  # ... with every loss term
+        assert term in proc.stdout, term
+    head = proc.stdout.split("Epoch 0")[0]  # printed before training starts: the resolved config, the run dir
+    assert f"run directory: {run_dir}" in head and "nce_k: 256" in head and "root: null" in head
     results = json.loads((run_dir / "results.json").read_text())
     assert results["method"] == "mcl_okd" and results["peers"] == 4 and results["epochs_run"] == 2
     rows = list(csv.DictReader((run_dir / "csv" / "metrics.csv").open()))
@@ -214,13 +226,36 @@ def test_multirun_gives_each_job_its_own_directory(tmp_path, data_root):
     assert seeds == [0, 1]
 
 
-def test_missing_data_root_is_one_clear_message(tmp_path):
+def test_missing_data_in_the_default_folder_says_where_to_put_it(tmp_path):
+    """No data.root, no MCL_DATA_ROOT, no files, no download (tests never download): one message."""
     env = {k: v for k, v in os.environ.items() if k != "MCL_DATA_ROOT"}
     proc = subprocess.run([sys.executable, "-m", "mcl_lightning.train", "peers=2", "backbone=resnet20",
-                           f"hydra.run.dir={tmp_path}"], capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 2
+                           "data.download=false", f"hydra.run.dir={tmp_path / 'run'}"], capture_output=True, text=True,
+                          env={**env, "XDG_CACHE_HOME": str(tmp_path / "cache")}, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"files missing under {tmp_path / 'cache' / 'mcl_lightning' / 'data' / 'cifar-100-python'}" in proc.stderr
     assert "MCL_DATA_ROOT" in proc.stderr and "data.root" in proc.stderr
-    assert "Traceback" not in proc.stderr
+
+
+def test_a_failed_download_into_the_default_folder_says_where_to_put_the_files(tmp_path, monkeypatch):
+    from mcl_lightning.data import cifar
+    from mcl_lightning.errors import DatasetNotFoundError
+
+    monkeypatch.delenv("MCL_DATA_ROOT", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    calls = []
+
+    def offline(url, download_root, **kwargs):
+        calls.append((url, download_root))
+        raise OSError("Temporary failure in name resolution")
+
+    monkeypatch.setattr(cifar, "download_and_extract_archive", offline)
+    with pytest.raises(DatasetNotFoundError) as error:
+        cifar.CIFARDataModule().prepare_data()
+    folder = tmp_path / "mcl_lightning" / "data"
+    assert calls == [(cifar.CIFAR100.url, str(folder))]  # it tried the default folder
+    message = str(error.value)
+    assert "download from" in message and "name resolution" in message and str(folder / "cifar-100-python" / "train") in message
 
 
 def test_bad_config_values_are_one_clear_message(tmp_path, data_root):
@@ -290,3 +325,22 @@ def test_foundation_acceptance_command(tmp_path, data_root):
     results = json.loads((run_dir / "results.json").read_text())
     assert results["peers"] == 4 and {"peer3", "peer_mean", "ensemble"} <= set(results["final"])
     assert Path(results["checkpoints"]["last"]).is_file()
+
+
+def test_reproduce_command_plans_and_runs_with_tiny_limits(tmp_path, data_root):
+    """The one-GPU paper-recipe command, dry-run on CPU: probe, plan the epochs, train, reproduce.json."""
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "mcl_lightning.reproduce", "--minutes", "0.2", "--margin", "1", "--warmup-steps", "1",
+         "--probe-steps", "2", "trainer=cpu", "trainer.precision=bf16-mixed", f"data.root={data_root}",
+         f"hydra.run.dir={run_dir}", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
+         "trainer.limit_test_batches=1", "trainer.enable_progress_bar=false"],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((run_dir / "reproduce.json").read_text())
+    results = json.loads((run_dir / "results.json").read_text())
+    assert record["epochs"] == results["epochs_run"] == 1 and record["probe_images_per_s"] > 0
+    assert results["method"] == "mcl_okd" and results["backbone"] == "resnet32" and results["peers"] == 4
+    assert results["config"]["method"]["nce_k"] == 256 and results["reference"]["top1_error"]["peer"] == 24.52
+    assert "trainer.max_epochs=1" in record["command"] and set(record["test_top1"]) == {"peer3", "peer_mean", "ensemble"}

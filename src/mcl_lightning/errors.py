@@ -20,3 +20,7 @@ class DatasetNotFoundError(UserError, FileNotFoundError):
 
 class DatasetIntegrityError(UserError, RuntimeError):
     """Dataset files exist but are truncated, corrupted or of the wrong kind."""
+
+
+class NonFiniteLossError(UserError, FloatingPointError):
+    """A loss term became NaN or infinite: training stopped before writing that state anywhere."""

@@ -1,9 +1,12 @@
 """Deploy one peer from a training checkpoint: a plain backbone, no peers, heads or banks.
 
     python -m mcl_lightning.export <run dir>/checkpoints/best-epoch123.ckpt --peer 3 --out resnet32.pt
+    python -m mcl_lightning.export <checkpoint> --program resnet32.pt2   # a torch.export program
 
-writes the peer's ``state_dict`` (loadable into ``create_backbone(name, num_classes)``) and prints
-what it is. From Python: ``export_peer(path, peer=3)`` returns the ``nn.Module``.
+writes the peer's ``state_dict`` (loadable into ``create_backbone(name, num_classes)``) and/or a
+``torch.export`` program of it (``torch.export.load(path).module()(images)``: no mcl_lightning needed,
+any batch size), and prints what it is. From Python: ``export_peer(path, peer=3)`` returns the
+``nn.Module``, ``export_program(path, peer=3)`` the ``ExportedProgram``.
 """
 
 from __future__ import annotations
@@ -38,20 +41,41 @@ def export_peer(checkpoint_path: str | Path, peer: int = -1) -> nn.Module:
     return load_peers(checkpoint_path).export_peer(peer).eval()
 
 
+def program_of(network: nn.Module, image_size: int = 32) -> torch.export.ExportedProgram:
+    """``torch.export`` of ``network`` (eval mode) for (batch, 3, image_size, image_size) inputs, any batch."""
+    network = network.eval()
+    example = torch.randn(2, 3, image_size, image_size, device=next(network.parameters()).device)
+    batch = torch.export.Dim("batch", min=1, max=1 << 16)
+    return torch.export.export(network, (example,), dynamic_shapes=({0: batch},))
+
+
+def export_program(checkpoint_path: str | Path, peer: int = -1) -> torch.export.ExportedProgram:
+    """Peer ``peer`` as a ``torch.export`` program (save it with ``torch.export.save``)."""
+    return program_of(export_peer(checkpoint_path, peer))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("--peer", type=int, default=-1, help="which peer (default: the last)")
-    parser.add_argument("--out", type=Path, required=True, help="where to write the peer's state_dict")
+    parser.add_argument("--out", type=Path, help="where to write the peer's state_dict")
+    parser.add_argument("--program", type=Path, help="where to write a torch.export program of the peer (.pt2)")
     args = parser.parse_args(argv)
+    if args.out is None and args.program is None:
+        parser.error("pass --out (a state_dict), --program (a torch.export program), or both")
     peers = load_peers(args.checkpoint)
-    network = peers.export_peer(args.peer)
-    torch.save(network.state_dict(), args.out)
+    network = peers.export_peer(args.peer).eval()
     spec, index = peers.build_spec, args.peer % peers.num_peers
     name = spec["backbone"] if isinstance(spec["backbone"], str) else spec["backbone"][index]
-    print(f"peer {index} of {peers.num_peers}: {name}, {spec['num_classes']} classes, "
-          f"{count_parameters(network):,} parameters -> {args.out}")
-    print(f"load with: create_backbone({name!r}, num_classes={spec['num_classes']}).load_state_dict(torch.load(...))")
+    about = f"peer {index} of {peers.num_peers}: {name}, {spec['num_classes']} classes, {count_parameters(network):,} parameters"
+    if args.out is not None:
+        torch.save(network.state_dict(), args.out)
+        print(f"{about} -> {args.out}")
+        print(f"load with: create_backbone({name!r}, num_classes={spec['num_classes']}).load_state_dict(torch.load(...))")
+    if args.program is not None:
+        torch.export.save(program_of(network), args.program)
+        print(f"{about} -> {args.program}")
+        print("load with: torch.export.load(path).module()  (inputs: (batch, 3, 32, 32), normalised)")
 
 
 if __name__ == "__main__":

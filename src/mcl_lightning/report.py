@@ -2,6 +2,7 @@
 
     python -m mcl_lightning.report multirun/2026-11-26/12-00-00
     python -m mcl_lightning.report outputs/ --out comparison   # writes comparison.md / comparison.csv
+    python -m mcl_lightning.report --curves multirun/2026-11-26/12-00-00   # curves.png in every run
 
 Runs that differ only in their seed are one row: mean ± sample std (n) of top-1 for the deployed
 peer (the last one, which ``mcl_lightning.export`` exports by default), the peer mean and the
@@ -122,10 +123,16 @@ def published(reference: dict[str, Any] | None) -> dict[str, float]:
     out: dict[str, float] = {}
     for name, value in (reference.get("top1_error") or {}).items():
         out[name] = round(100.0 - float(value), 2)
-    for name, value in (reference.get("top1") or {}).items():
-        out[name] = float(value)
-    if reference.get("baseline_top1_error") is not None:
-        out["baseline"] = round(100.0 - float(reference["baseline_top1_error"]), 2)
+    for key in ("top1", "top1_accuracy"):
+        for name, value in (reference.get(key) or {}).items():
+            if not name.endswith("_std"):  # spreads stay in results.json; the table shows means
+                out[name] = float(value)
+    baseline = reference.get("baseline_top1_error")
+    if isinstance(baseline, (int, float)):
+        out["baseline"] = round(100.0 - float(baseline), 2)
+    accuracy = reference.get("baseline_top1_accuracy")
+    if isinstance(accuracy, dict) and "peer" in accuracy:
+        out["baseline"] = float(accuracy["peer"])
     return out
 
 
@@ -200,8 +207,16 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("root", type=Path, help="a run directory, a sweep directory, or a results.json")
     parser.add_argument("--out", type=Path, help="output path without suffix (default: <root>/report)")
+    parser.add_argument("--curves", action="store_true",
+                        help="write curves.png (top-1 and loss terms per epoch) in every run below root instead")
     args = parser.parse_args(argv)
     try:
+        if args.curves:
+            from mcl_lightning.curves import plot_all
+
+            for path in plot_all(args.root):
+                print(path)
+            return
         rows, md, csv_path = report(args.root, args.out)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -6,16 +6,24 @@ import json
 from pathlib import Path
 from typing import Any
 
+from omegaconf import OmegaConf
+
 GROUPS_ORDER = ("peer_mean", "ensemble")
 
 
-def nest_metrics(flat: dict[str, float]) -> dict[str, dict[str, float]]:
-    """{"peer0/top1": x} -> {"peer0": {"top1": x}} (drops bookkeeping keys such as "epoch")."""
-    nested: dict[str, dict[str, float]] = {}
+COUNT_KEY = "num_images"  # how many images the metrics were computed on (kept, as an int)
+
+
+def nest_metrics(flat: dict[str, float]) -> dict[str, dict[str, float] | int]:
+    """{"peer0/top1": x} -> {"peer0": {"top1": x}}; keeps ``num_images``, drops other bookkeeping
+    keys such as "epoch"."""
+    nested: dict[str, dict[str, float] | int] = {}
     for key, value in flat.items():
         if "/" in key:
             group, metric = key.split("/", 1)
             nested.setdefault(group, {})[metric] = value
+        elif key == COUNT_KEY:
+            nested[key] = int(value)
     return nested
 
 
@@ -28,7 +36,7 @@ def summarise(history: list[dict[str, float]]) -> dict[str, Any]:
     """
     if not history:
         return {"final": {}, "best": {}, "best_epoch": None, "max_over_epochs": {}}
-    keys = [k for k in history[-1] if k != "epoch"]
+    keys = [k for k in history[-1] if k not in ("epoch", COUNT_KEY)]
     best_entry = max(history, key=lambda entry: entry["best_peer/top1"])
     maxima = {k: max(entry[k] for entry in history) for k in keys}
     return {
@@ -37,6 +45,49 @@ def summarise(history: list[dict[str, float]]) -> dict[str, Any]:
         "best_epoch": int(best_entry["epoch"]),
         "max_over_epochs": nest_metrics(maxima),
     }
+
+
+def run_results(cfg: Any, system: Any, trainer: Any, datamodule: Any, callbacks: dict[str, Any],
+                error: Exception | None = None) -> dict[str, Any]:
+    """The results.json of a run (``status`` "finished", or "failed" with ``failure`` recorded).
+
+    ``callbacks``: the entry point's ``best`` (ModelCheckpoint), ``last`` (LastCheckpoint) and ``guard``.
+    """
+    summary = summarise(system.val_history)
+    last_path = Path(callbacks["last"].path)
+    last = str(last_path) if last_path.is_file() else None  # after a failure: the last good one
+    results = {
+        "status": "failed" if error is not None else "finished",
+        "method": system.method.name,
+        "backbone": backbone_name(system.peers, cfg),
+        "peers": system.peers.num_peers,
+        "topology": system.peers.topology,
+        "ensemble": system.method.ensemble_description,
+        "epochs_run": trainer.current_epoch,
+        "global_batch_size": datamodule.batch_size * trainer.accumulate_grad_batches,
+        "world_size": trainer.world_size,
+        "learning_rate": cfg.optim.lr,
+        "seed": cfg.seed,
+        "selection": datamodule.selection_note,
+        "final": summary["final"],
+        "best": summary["best"],
+        "best_epoch": summary["best_epoch"],
+        "max_over_epochs": summary["max_over_epochs"],
+        "test": nest_metrics(system.test_results),
+        "reference": OmegaConf.to_container(cfg.reference, resolve=True) if cfg.get("reference") else None,
+        "checkpoints": {"last": last, "best": callbacks["best"].best_model_path or None},
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+    if error is not None:
+        results["failure"] = {**(getattr(callbacks.get("guard"), "failure", None) or {}), "message": str(error)}
+    return results
+
+
+def backbone_name(peers: Any, cfg: Any) -> str:
+    """The backbone's name, or ``a+b+c`` for heterogeneous peers."""
+    spec = peers.build_spec
+    names = [spec["backbone"]] if spec and isinstance(spec["backbone"], str) else (spec or {}).get("backbone")
+    return "+".join(names) if names else str(cfg.backbone.name)
 
 
 def write_results(path: str | Path, results: dict[str, Any]) -> Path:

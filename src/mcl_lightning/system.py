@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import random
+from pathlib import Path
 from typing import Any, Sequence
 
 import lightning as L
@@ -20,6 +21,7 @@ from mcl_lightning.registry import check_choice
 from mcl_lightning.methods.base import OKDMethod
 from mcl_lightning.metrics import PeerMetrics
 from mcl_lightning.models.peers import PeerNetwork, PeerOutput
+from mcl_lightning.spec import build_method, method_spec
 
 SCHEDULERS = ("cosine", "multistep", "constant")
 MONITOR = "val/best_peer/top1"  # checkpoints select on the best peer's validation top-1
@@ -54,6 +56,9 @@ class OKDSystem(L.LightningModule):
     ) -> None:
         super().__init__()
         check_choice("optim.scheduler", scheduler, SCHEDULERS)
+        if not lr > 0 or not 0.0 <= momentum < 1.0 or weight_decay < 0:
+            raise ConfigError(f"optim needs lr > 0, momentum in [0, 1) and weight_decay >= 0; got lr={lr}, "
+                              f"momentum={momentum}, weight_decay={weight_decay}")
         spec = peers.spec()
         method.attach(spec)  # the one place where a method meets its network
         num_classes = spec.num_classes if num_classes is None else num_classes
@@ -83,10 +88,14 @@ class OKDSystem(L.LightningModule):
         self.method.setup_data(labels)
 
     # -- training ---------------------------------------------------------------------------
+    def on_train_start(self) -> None:
+        # Lightning skips on_train_epoch_start when it resumes in the middle of an epoch.
+        self.method.set_epoch(self.current_epoch, self.trainer.max_epochs)
+
     def on_train_epoch_start(self) -> None:
         self.method.set_epoch(self.current_epoch, self.trainer.max_epochs)
 
-    def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> dict[str, Any]:
         images, labels, indices = batch
         output = self.peers(images)
         losses = self.method(output, labels, indices)
@@ -101,7 +110,8 @@ class OKDSystem(L.LightningModule):
         correct = (output.logits.detach().argmax(-1) == labels).float().mean(1)
         for i, acc in enumerate(correct):
             self.log(f"train/peer{i}/top1", acc, **log)
-        return loss
+        # the terms, detached, for the non-finite guard and the progress bar (read on the host later)
+        return {"loss": loss, "terms": {name: value.detach() for name, value in losses.items()}}
 
     # -- evaluation -------------------------------------------------------------------------
     def validation_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> None:
@@ -153,16 +163,43 @@ class OKDSystem(L.LightningModule):
     # -- checkpoints ------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["val_history"] = self.val_history
-        # lets mcl_lightning.export rebuild the peers from the checkpoint alone
+        # OKDSystem.from_checkpoint / mcl_lightning.export rebuild peers and method from the checkpoint alone
         checkpoint["peers_spec"] = self.peers.build_spec
+        checkpoint["method_spec"] = method_spec(self.method)
+        if self._trainer is not None:  # what mcl_lightning.evaluate needs to test it as it was trained
+            checkpoint["precision"] = str(self.trainer.precision)
+            if self.trainer.datamodule is not None:
+                cls = type(self.trainer.datamodule)
+                checkpoint["datamodule_class"] = f"{cls.__module__}.{cls.__qualname__}"
         # Negatives and augmentation draw from the global RNGs; saving them makes a resumed
         # single-device run continue exactly as an uninterrupted one (Lightning does not).
         checkpoint["rng_states"] = rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        from mcl_lightning.validation import state_differences  # validation imports the entry point
+
+        # After setup (banks sized for this data), before the weights load: a mismatch is one clear message.
+        diffs = state_differences(checkpoint["state_dict"], self.state_dict())
+        if diffs and self._trainer is not None:
+            raise ConfigError(f"the checkpoint was trained with a different configuration: {'; '.join(diffs)}. "
+                              "Resume with the checkpoint's settings, or start a new run without ckpt_path")
         self.val_history = list(checkpoint.get("val_history", []))
         if "rng_states" in checkpoint:
             set_rng_states(checkpoint["rng_states"])
+
+    # -- rebuilding -------------------------------------------------------------------------
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, map_location: Any = "cpu") -> "OKDSystem":
+        """The trained system, peers and method rebuilt from the checkpoint alone (no Hydra, no arguments)."""
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        peers_spec, spec = checkpoint.get("peers_spec"), checkpoint.get("method_spec")
+        if peers_spec is None or spec is None:
+            missing = "peers" if peers_spec is None else "method"
+            raise ConfigError(
+                f"{path} does not describe its {missing} (built from your own modules or options, or written "
+                "before checkpoints carried them); use OKDSystem.load_from_checkpoint(path, peers=..., method=...)")
+        peers = PeerNetwork.from_backbone(**peers_spec)
+        return cls.load_from_checkpoint(path, map_location=map_location, peers=peers, method=build_method(spec))
 
 
 def rng_states() -> dict[str, Any]:

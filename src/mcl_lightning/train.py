@@ -1,12 +1,14 @@
-"""Hydra entry point: compose -> instantiate -> fit -> test -> results.json.
+"""Hydra entry point: check -> compose -> instantiate -> fit -> test -> results.json, curves.png.
 
     python -m mcl_lightning.train peers=4 backbone=resnet56 data.root=/path/to/data
     python -m mcl_lightning.train -m seed=0,1,2 method.beta=0.025,0.05
+    python -m mcl_lightning.train ... hydra.run.dir=runs/a checkpoint.every_n_steps=500 ckpt_path=last  # pre-emptible
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -14,18 +16,26 @@ from typing import Any
 import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import (ConfigCompositionException, InstantiationException, MissingConfigException,
+                          OverrideParseException)
 from hydra.utils import instantiate
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from lightning.fabric.utilities.exceptions import MisconfigurationException
-
-from mcl_lightning.errors import ConfigError, UserError
+from mcl_lightning import validation
+from mcl_lightning.checkpointing import AtomicCheckpointIO, LastCheckpoint, remove_stale_temporaries, resolve_ckpt_path
+from mcl_lightning.errors import ConfigError, NonFiniteLossError, UserError
+from mcl_lightning.guards import NonFiniteLossGuard
 from mcl_lightning.methods import OKDMethod
 from mcl_lightning.models import PeerNetwork
 from mcl_lightning.perf import apply_perf
-from mcl_lightning.results import format_table, nest_metrics, summarise, write_results
+from mcl_lightning.progress import LossTermsProgressBar
+from mcl_lightning.results import format_table, run_results, write_results
+from mcl_lightning.spec import method_spec
 from mcl_lightning.system import MONITOR, OKDSystem
 
 log = logging.getLogger("mcl_lightning")
@@ -40,76 +50,82 @@ def build_network(cfg: DictConfig) -> tuple[PeerNetwork, OKDMethod]:
     return peers, method
 
 
-def build(cfg: DictConfig, run_dir: Path) -> tuple[L.LightningDataModule, OKDSystem, L.Trainer, ModelCheckpoint]:
-    """Instantiate data, peers, method, system and trainer from a composed config."""
+def data_options(cfg: DictConfig) -> dict[str, Any]:
+    return OmegaConf.to_container(cfg.data, resolve=True)
+
+
+def build(cfg: DictConfig, run_dir: Path, ckpt_path: Path | None) -> tuple[Any, OKDSystem, L.Trainer, dict]:
+    """Peers and method (checked against ``ckpt_path``), then data, system, trainer and callbacks."""
     peers, method = build_network(cfg)  # before the data: a config mistake costs no loading time
+    if ckpt_path is not None:
+        meta = validation.load_checkpoint_meta(ckpt_path)
+        diffs = validation.checkpoint_differences(meta, peers.build_spec, method_spec(method), data_options(cfg))
+        if diffs:
+            raise validation.incompatible(ckpt_path, diffs)
     peers, method = apply_perf(peers, method, cfg.get("perf"))  # speed switches (perf.*), maths unchanged
     datamodule = instantiate(cfg.data)
     system = OKDSystem(peers, method, num_classes=datamodule.num_classes, **OmegaConf.to_container(cfg.optim, resolve=True))
     # A resumed run keeps writing to the checkpoint's own folder: ModelCheckpoint restores its best
     # score only there, and "best" stays the best of the whole run.
-    checkpoint_dir = Path(cfg.ckpt_path).resolve().parent if cfg.ckpt_path else run_dir / "checkpoints"
-    checkpoint = ModelCheckpoint(
-        dirpath=checkpoint_dir,
-        filename="best-epoch{epoch:03d}",
-        auto_insert_metric_name=False,
-        monitor=MONITOR,
-        mode="max",
-        save_last=True,
-    )
+    checkpoint_dir = ckpt_path.resolve().parent if ckpt_path else run_dir / "checkpoints"
+    callbacks = {
+        "guard": NonFiniteLossGuard(),  # runs before the checkpoint callbacks: a bad step is never saved
+        "lr": LearningRateMonitor(logging_interval="epoch"),
+        "best": ModelCheckpoint(dirpath=checkpoint_dir, filename="best-epoch{epoch:03d}", auto_insert_metric_name=False,
+                                monitor=MONITOR, mode="max", enable_version_counter=False),
+        "last": LastCheckpoint(checkpoint_dir, cfg.checkpoint.every_n_steps),  # after "best": its state included
+    }
+    if cfg.trainer.get("enable_progress_bar", True):
+        callbacks["progress"] = LossTermsProgressBar()
     loggers = [
         CSVLogger(run_dir, name="csv", version=""),
         TensorBoardLogger(run_dir, name="tensorboard", version="", default_hp_metric=False),
     ]
-    callbacks = [checkpoint, LearningRateMonitor(logging_interval="epoch")]
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
-    return datamodule, system, trainer, checkpoint
+    trainer = instantiate(cfg.trainer, callbacks=list(callbacks.values()), logger=loggers, plugins=[AtomicCheckpointIO()])
+    validation.check_batch_divides(datamodule.batch_size, trainer.world_size)  # before DDP starts its processes
+    return datamodule, system, trainer, callbacks
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train and test once; returns (and writes to the run directory) the results dict."""
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    if cfg.ckpt_path and not Path(cfg.ckpt_path).is_file():
-        raise ConfigError(f"ckpt_path={cfg.ckpt_path} does not exist; pass a checkpoint such as <run dir>/checkpoints/last.ckpt")
+    validation.check_run_dir(run_dir, cfg.ckpt_path)
+    validation.check_config(cfg)
+    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, run_dir)
+    announce(cfg, run_dir, ckpt_path)
     L.seed_everything(cfg.seed, workers=True)
-    datamodule, system, trainer, checkpoint = build(cfg, run_dir)
-    trainer.fit(system, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    datamodule, system, trainer, callbacks = build(cfg, run_dir, ckpt_path)
+    if ckpt_path is not None:
+        remove_stale_temporaries(ckpt_path.parent)  # left by a writer that was killed
+    try:
+        trainer.fit(system, datamodule=datamodule, ckpt_path=ckpt_path)
+    except NonFiniteLossError as error:  # results.json records the failure; the last good checkpoint stays
+        finish(run_dir, run_results(cfg, system, trainer, datamodule, callbacks, error=error), trainer)
+        raise
     trainer.test(system, datamodule=datamodule, verbose=False)  # the final weights
+    return finish(run_dir, run_results(cfg, system, trainer, datamodule, callbacks), trainer)
 
-    summary = summarise(system.val_history)
-    results = {
-        "method": system.method.name,
-        "backbone": backbone_name(system.peers, cfg),
-        "peers": system.peers.num_peers,
-        "topology": system.peers.topology,
-        "ensemble": system.method.ensemble_description,
-        "epochs_run": trainer.current_epoch,
-        "global_batch_size": datamodule.batch_size * trainer.accumulate_grad_batches,
-        "world_size": trainer.world_size,
-        "learning_rate": cfg.optim.lr,
-        "seed": cfg.seed,
-        "selection": datamodule.selection_note,
-        "final": summary["final"],
-        "best": summary["best"],
-        "best_epoch": summary["best_epoch"],
-        "max_over_epochs": summary["max_over_epochs"],
-        "test": nest_metrics(system.test_results),
-        "reference": OmegaConf.to_container(cfg.reference, resolve=True) if cfg.get("reference") else None,
-        "checkpoints": {"last": checkpoint.last_model_path or None, "best": checkpoint.best_model_path or None},
-        "config": OmegaConf.to_container(cfg, resolve=True),
-    }
+
+@rank_zero_only
+def announce(cfg: DictConfig, run_dir: Path, ckpt_path: Path | None) -> None:
+    print(OmegaConf.to_yaml(cfg, resolve=True), end="")
+    print(f"run directory: {run_dir}")
+    print(f"resuming from: {ckpt_path}" if ckpt_path else "starting a new run", flush=True)
+
+
+def finish(run_dir: Path, results: dict[str, Any], trainer: L.Trainer) -> dict[str, Any]:
+    """results.json, the table and curves.png (rank zero)."""
     if trainer.is_global_zero:
         path = write_results(run_dir / "results.json", results)
         print(format_table(results))
+        try:
+            from mcl_lightning.curves import plot_run
+
+            print(f"curves: {plot_run(run_dir)}")
+        except Exception as error:  # a plot must not cost the run's results
+            log.warning("curves.png not written: %s: %s", type(error).__name__, error)
         print(f"results: {path}")
     return results
-
-
-def backbone_name(peers: PeerNetwork, cfg: DictConfig) -> str:
-    """The backbone's name, or ``a+b+c`` for heterogeneous peers."""
-    spec = peers.build_spec
-    names = [spec["backbone"]] if spec and isinstance(spec["backbone"], str) else (spec or {}).get("backbone")
-    return "+".join(names) if names else str(cfg.backbone.name)
 
 
 def _user_error(error: BaseException) -> Exception | None:
@@ -120,20 +136,44 @@ def _user_error(error: BaseException) -> Exception | None:
             return error
         if isinstance(error, MisconfigurationException):  # Lightning rejecting trainer settings
             return ConfigError(f"{error} (check the trainer= settings; without a GPU use trainer=cpu)")
+        if isinstance(error, InstantiationException) and isinstance(error.__cause__, TypeError):
+            return ConfigError(f"{' '.join(str(error).split())} (check the option names, e.g. +method.<name>=)")
         seen.add(id(error))
         error = error.__cause__ or error.__context__
     return None
 
 
 @hydra.main(version_base="1.3", config_path="pkg://mcl_lightning.conf", config_name="train")
-def main(cfg: DictConfig) -> None:
+def _hydra_main(cfg: DictConfig) -> None:
     try:
         run(cfg)
+    except SIGTERMException as stop:  # pre-empted: the checkpoint is written, the relaunch resumes it
+        where = f" at epoch {stop.epoch}, step {stop.step}; checkpoint {stop.checkpoint}" if hasattr(stop, "step") else ""
+        print(f"stopped by SIGTERM{where}. Relaunch the same command with ckpt_path=last to continue.", file=sys.stderr)
+        sys.exit(143)
     except Exception as error:  # a person's mistake gets one clear line, a bug its traceback
         user_error = _user_error(error)
         if user_error is None:
             raise
         print(f"error: {user_error}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main() -> None:
+    """``mcl-train`` / ``python -m mcl_lightning.train``: Hydra's own errors (unknown group option, bad
+    override) are one line and exit status 2 too."""
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # let composition errors reach us instead of Hydra's report
+    try:
+        _hydra_main()
+    except MissingConfigException as error:
+        group = (error.missing_cfg_file or "").split("/")[0]
+        value = (error.missing_cfg_file or "").split("/")[-1]
+        choices = ", ".join(error.options or [])
+        print(f"error: unknown {group} {value!r}; choose one of: {choices} (as {group}=<name>)"
+              if group and error.options else f"error: {' '.join(str(error).split())}", file=sys.stderr)
+        sys.exit(2)
+    except (ConfigCompositionException, OverrideParseException) as error:
+        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -6,6 +6,7 @@ import contextlib
 from typing import ContextManager
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 
@@ -57,7 +58,25 @@ def pairwise_scores(bank_rows: Tensor, embeddings: Tensor, tau: float) -> Tensor
     return torch.exp(pairwise_logits(bank_rows, embeddings) / tau)
 
 
-def nce_loss(scores: Tensor, num_samples: int, eps: float = 1e-7) -> Tensor:
+def score_means(scores: Tensor, global_mean: bool = True) -> Tensor:
+    """mean over (B, K + 1) of every term's detached scores: (..., 1, 1).
+
+    Under DDP with ``global_mean`` the mean is over the *global* batch: one all-reduce of the
+    per-term sums and the element count (a few floats, on the device, no host sync), so a 2-rank
+    run normalises exactly as a 1-rank run with the whole batch. ``global_mean=False`` keeps each
+    rank's own mean (what the reference would compute per process).
+    """
+    scores = scores.detach()
+    if not (global_mean and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return scores.mean(dim=(-2, -1), keepdim=True)
+    sums = scores.sum(dim=(-2, -1))
+    count = torch.full((1,), scores.shape[-2] * scores.shape[-1], dtype=sums.dtype, device=sums.device)
+    packed = torch.cat([sums.flatten(), count])
+    dist.all_reduce(packed)
+    return (packed[:-1] / packed[-1]).view(*sums.shape, 1, 1)
+
+
+def nce_loss(scores: Tensor, num_samples: int, eps: float = 1e-7, global_normaliser: bool = True) -> Tensor:
     """Binary NCE per term, with the reference's per-batch normaliser.
 
     ``scores``: (..., B, K + 1), column 0 the positive. For each term, Z = mean(scores) * N_data
@@ -66,9 +85,11 @@ def nce_loss(scores: Tensor, num_samples: int, eps: float = 1e-7) -> Tensor:
         L = -(1/B) sum_n [ log(P_0 / (P_0 + K Pn + eps)) + sum_k log(K Pn / (P_k + K Pn + eps)) ]
 
     with Pn = 1 / N_data: negatives summed, batch averaged. Returns (...,), one loss per term.
+    Under DDP the mean in Z is over the global batch (``global_normaliser``, see :func:`score_means`);
+    the average over B stays per rank, and DDP's gradient averaging makes it the global average.
     """
     k = scores.shape[-1] - 1
-    z = scores.detach().mean(dim=(-2, -1), keepdim=True) * num_samples
+    z = score_means(scores, global_normaliser) * num_samples
     p = scores / z
     noise = k / num_samples  # K * Pn
     log_pos = torch.log(p[..., 0] / (p[..., 0] + noise + eps))
@@ -76,16 +97,19 @@ def nce_loss(scores: Tensor, num_samples: int, eps: float = 1e-7) -> Tensor:
     return -(log_pos + log_neg).mean(-1)
 
 
-def multi_view_nce(bank_rows: Tensor, embeddings: Tensor, tau: float, num_samples: int, eps: float = 1e-7) -> Tensor:
+def multi_view_nce(bank_rows: Tensor, embeddings: Tensor, tau: float, num_samples: int, eps: float = 1e-7,
+                   global_normaliser: bool = True) -> Tensor:
     """The contrastive loss summed over all N(N - 1) ordered peer pairs, in float32."""
     with float32_region(embeddings.device):
-        return multi_view_nce_from_logits(pairwise_logits(bank_rows.float(), embeddings.float()), tau, num_samples, eps)
+        logits = pairwise_logits(bank_rows.float(), embeddings.float())
+        return multi_view_nce_from_logits(logits, tau, num_samples, eps, global_normaliser)
 
 
-def multi_view_nce_from_logits(logits: Tensor, tau: float, num_samples: int, eps: float = 1e-7) -> Tensor:
+def multi_view_nce_from_logits(logits: Tensor, tau: float, num_samples: int, eps: float = 1e-7,
+                               global_normaliser: bool = True) -> Tensor:
     """Binary NCE of (N, N, B, K + 1) pair logits, summed over the ordered pairs a != b, in float32."""
     with float32_region(logits.device):
-        losses = nce_loss(torch.exp(logits.float() / tau), num_samples, eps)  # (N, N)
+        losses = nce_loss(torch.exp(logits.float() / tau), num_samples, eps, global_normaliser)  # (N, N)
         num_peers = losses.shape[0]
         off_diagonal = 1.0 - torch.eye(num_peers, dtype=losses.dtype, device=losses.device)
         return (losses * off_diagonal).sum()

@@ -3,8 +3,24 @@
 For every anchor: ``[positive, K negatives]`` bank indices. Negatives never share the anchor's
 class (the reference's ``cls_negative`` pools); the positive is the anchor itself (``exact``) or a
 random sample of its class (``relax``). The reference draws these per item with NumPy inside the
-dataset; here one vectorised draw per batch uses the torch RNG of the device, so
-``seed_everything`` makes it reproducible and no CPU work sits on the data path.
+dataset; here one vectorised draw per batch runs on the training device, with no host sync.
+
+The random numbers are keyed by ``(seed, step, dataset index)`` (:mod:`mcl_lightning.rng`), not by
+a process's RNG state: an anchor's negatives at a given step do not depend on which rank holds it
+or on the rest of its batch, so every DDP rank draws its own negatives and a 2-rank run draws
+exactly what a 1-rank run on the same global batches draws.
+
+Without replacement, a row's K negatives are a uniformly random K-subset of its pool, drawn in one
+of two ways, chosen once at :meth:`NegativeSampler.bind` by memory:
+
+- ``sparse`` (whenever K is small next to the pool, e.g. every ImageNet setting): draw M >= K
+  candidates with replacement, keep the distinct ones (the distinct values of i.i.d. uniform draws
+  are a uniform subset given their number) and take K of them by random keys. M is set so that
+  fewer than K distinct candidates has probability below 1e-20 per row (then the row repeats a
+  negative); memory is B x M, which does not grow with the dataset
+  (M ~ K + K^2 / (2 pool) + sqrt(92 K) + 92).
+- ``dense`` (K a large fraction of the pool): random keys over the whole pool, K smallest kept;
+  memory B x pool, taken only when that is at most twice the sparse path's.
 """
 
 from __future__ import annotations
@@ -14,9 +30,27 @@ import math
 import torch
 from torch import Tensor, nn
 
+from mcl_lightning import rng
 from mcl_lightning.errors import ConfigError
+from mcl_lightning.registry import check_choice
 
 POSITIVE_MODES = ("exact", "relax")
+_BIG = 1 << 62  # keys above every real key (real keys < 2**63 / 2)
+
+
+def candidates_needed(k: int, pool: int) -> int | None:
+    """Draws with replacement from ``pool`` values that give >= ``k`` distinct ones except with
+    probability < 1e-20; ``None`` when that needs about as many as ``pool``.
+
+    The number D of distinct values is a sum of negatively associated indicators, so the Chernoff
+    bound P(D <= E[D] - t) <= exp(-t^2 / (2 E[D])) holds; E[D] >= k + t with t = sqrt(92 k) + 92
+    gives exp(-46) < 1.1e-20. Draws: M = -pool * log(1 - (k + t) / pool), since
+    E[D] = pool * (1 - (1 - 1/pool)^M) >= pool * (1 - exp(-M / pool)).
+    """
+    need = k + math.sqrt(92.0 * k) + 92.0
+    if need >= pool:
+        return None
+    return math.ceil(-pool * math.log1p(-need / pool))
 
 
 class NegativeSampler(nn.Module):
@@ -28,21 +62,25 @@ class NegativeSampler(nn.Module):
         replacement: draw negatives with replacement (the reference's ImageNet behaviour). Without
             replacement (its CIFAR behaviour) the K negatives of a row are distinct, and K may not
             exceed the smallest negative pool.
+        seed: the key of the random numbers; ``None`` takes the run's seed (``seed_everything``,
+            see :func:`mcl_lightning.rng.run_seed`) at :meth:`bind`.
     """
 
-    def __init__(self, k: int, positive: str = "exact", replacement: bool = False) -> None:
+    def __init__(self, k: int, positive: str = "exact", replacement: bool = False, seed: int | None = None) -> None:
         super().__init__()
         if k < 1:
             raise ConfigError(f"method.nce_k must be >= 1, got {k}")
-        if positive not in POSITIVE_MODES:
-            raise ConfigError(f"unknown positive mode {positive!r}; choose one of: {', '.join(POSITIVE_MODES)}")
-        self.k, self.positive, self.replacement = k, positive, replacement
+        check_choice("method.positive", positive, POSITIVE_MODES)
+        self.k, self.positive, self.replacement, self.seed = k, positive, replacement, seed
         self.largest_pool = 0
-        self._table: Tensor | None = None  # first_distinct's scratch (not state: rebuilt on demand)
+        self.mode = "replacement" if replacement else "dense"
+        self.num_candidates = 0  # M of the sparse path
         # Training-set indices sorted by class, and where each class starts in that order. Derived
         # from the labels at every setup, so kept out of checkpoints (persistent=False).
         self.register_buffer("order", torch.empty(0, dtype=torch.long), persistent=False)
         self.register_buffer("class_start", torch.zeros(1, dtype=torch.long), persistent=False)
+        # [seed, draws so far]: checkpointed, so a resumed run draws what the uninterrupted one would.
+        self.register_buffer("stream", torch.zeros(2, dtype=torch.long))
 
     def bind(self, train_labels: Tensor) -> None:
         """Index the training set's labels (dataset-index order); checks K against the pools."""
@@ -60,105 +98,72 @@ class NegativeSampler(nn.Module):
         self.order = torch.argsort(labels, stable=True)
         self.class_start = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
         self.largest_pool = int(pool.max())  # Python ints: sampling never reads them off the device
-        self.draws = 0 if self.replacement else distinct_draws(self.k, smallest)
+        if not self.replacement:
+            m = candidates_needed(self.k, smallest)
+            sparse = m is not None and 2 * m <= self.largest_pool
+            self.mode, self.num_candidates = ("sparse", m) if sparse else ("dense", 0)
+        self.stream[0] = rng.run_seed(self.seed)
 
     def forward(self, indices: Tensor, labels: Tensor) -> Tensor:
         if self.order.numel() == 0:
             raise RuntimeError("NegativeSampler.bind(train_labels) must be called before sampling")
-        # index_select instead of advanced indexing or take: both are several times slower on CPU.
+        # index_select / take rather than advanced indexing: on CPU the latter is far slower.
         start = self.class_start.index_select(0, labels)  # (B,)
         count = self.class_start.index_select(0, labels + 1) - start
         pool = len(self.order) - count  # (B,) negatives per anchor
-        batch, device = labels.shape[0], labels.device
+        # One key per (seed, step, anchor): nothing depends on the batch's other rows.
+        step_key = rng.mix(rng.mix(rng.hash32(self.stream[0] & rng.MASK32), self.stream[0] >> 32), self.stream[1])
+        row = rng.mix(step_key, indices)[:, None]  # (B, 1)
+        self.stream[1] += 1
         if self.replacement:
-            pos = (torch.rand(batch, self.k, device=device) * pool[:, None]).long()
-        elif self.draws and self.draws < self.largest_pool:
-            pos = self._distinct_from_draws(pool, batch, device)
+            pos = self._with_replacement(row, pool)
+        elif self.mode == "sparse":
+            pos = self._sparse(row, pool)
         else:
-            # K distinct positions in [0, pool): the K smallest of uniform keys (a uniform K-subset).
-            keys = torch.rand(batch, self.largest_pool, device=device)
-            keys.masked_fill_(torch.arange(keys.shape[1], device=device) >= pool[:, None], 2.0)
-            pos = keys.topk(self.k, dim=1, largest=False, sorted=False).indices
+            pos = self._dense(row, pool)
         # Position p in the pool skips the anchor's class block [start, start + count).
         pos = pos + count[:, None] * (pos >= start[:, None])
-        negatives = self.order.index_select(0, pos.view(-1)).view(pos.shape)
+        negatives = torch.take(self.order, pos)
         if self.positive == "exact":
             positive = indices
         else:
-            positive = self.order.index_select(0, start + (torch.rand(batch, device=device) * count).long())
+            h = rng.mix(row[:, 0], rng.STREAM_POSITIVE)
+            positive = self.order.index_select(0, start + rng.below(h, count))
         return torch.cat([positive[:, None], negatives], dim=1)
 
-    def _distinct_from_draws(self, pool: Tensor, batch: int, device: torch.device) -> Tensor:
-        """K distinct positions per row from ``draws`` i.i.d. uniform draws (memory ~ K, not the pool).
+    def _slots(self, n: int, stream: int, row: Tensor) -> Tensor:
+        """(B, n) 32-bit hashes of (row, stream, slot)."""
+        slots = rng.hash32(torch.arange(n, device=row.device) ^ stream)
+        return rng.hash32(row ^ slots)
 
-        The first K distinct values of an i.i.d. uniform sequence are a sample without replacement:
-        a uniform K-subset of the pool, in uniformly random order. ``draws`` leaves at least K
-        distinct values in every row except with probability below 1e-15 (see ``distinct_draws``).
-        First occurrences are found with a (B, pool) table of first positions when that table is
-        small (no sort: at K = 16384 on CIFAR about 20x cheaper on CPU than sorting the draws), and
-        by sorting the draws otherwise (then K of the distinct values are picked with random keys,
-        which is again a uniform K-subset).
-        """
-        draws = (torch.rand(batch, self.draws, device=device) * pool[:, None]).long()
-        size = batch * self.largest_pool
-        if size <= FIRST_POSITION_TABLE_LIMIT:
-            table = self._table
-            if table is None or table.device != device or table.numel() < size:  # metadata only
-                table = self._table = torch.full((size,), _EMPTY, dtype=torch.int32, device=device)
-            return first_distinct(draws, self.k, self.largest_pool, table)
-        draws, _ = draws.sort(dim=1)
-        repeated = torch.zeros_like(draws, dtype=torch.bool)
-        repeated[:, 1:] = draws[:, 1:] == draws[:, :-1]
-        keys = torch.rand(batch, self.draws, device=device).masked_fill_(repeated, 2.0)
-        return draws.gather(1, keys.topk(self.k, dim=1, largest=False, sorted=False).indices)
+    def _with_replacement(self, row: Tensor, pool: Tensor) -> Tensor:
+        return rng.below(self._slots(self.k, rng.STREAM_NEGATIVES, row), pool[:, None])
 
+    def _dense(self, row: Tensor, pool: Tensor) -> Tensor:
+        # K distinct positions in [0, pool): the K smallest of distinct random keys (hash, position).
+        width = self.largest_pool
+        position = torch.arange(width, device=row.device)
+        keys = self._slots(width, rng.STREAM_SELECT, row) * width + position
+        keys.masked_fill_(position >= pool[:, None], _BIG)
+        return keys.topk(self.k, dim=1, largest=False, sorted=False).indices
 
-FIRST_POSITION_TABLE_LIMIT = 1 << 24  # entries (int32) of the first-position table: 64 MB
-_EMPTY = torch.iinfo(torch.int32).max  # a table entry no value has claimed
+    def _sparse(self, row: Tensor, pool: Tensor) -> Tensor:
+        # M candidates with replacement; the distinct ones get random keys (keyed by the value, so
+        # the choice does not depend on the order of the draws), duplicates get keys above them all.
+        values = rng.below(self._slots(self.num_candidates, rng.STREAM_NEGATIVES, row), pool[:, None])
+        values = values.sort(dim=1).values
+        repeat = torch.zeros_like(values, dtype=torch.bool)
+        repeat[:, 1:] = values[:, 1:] == values[:, :-1]
+        keys = rng.hash32(row ^ rng.hash32(values ^ rng.STREAM_SELECT)) * self.largest_pool + values
+        position = torch.arange(values.shape[1], device=row.device)
+        keys = torch.where(repeat, _BIG + position, keys)
+        chosen = keys.topk(self.k, dim=1, largest=False, sorted=False).indices
+        return values.gather(1, chosen)
 
-
-def first_distinct(values: Tensor, k: int, bound: int, table: Tensor | None = None) -> Tensor:
-    """The first ``k`` distinct entries of each row of ``values`` (B, M), in order; ints in [0, bound).
-
-    Fixed shapes, no sort, no host sync: a (B, bound) table receives each value's first column
-    (``scatter_reduce`` amin, deterministic), an entry is a first occurrence where the table points
-    back at it, and a running count sends the first ``k`` of them to their output slots. Rows with
-    fewer than ``k`` distinct entries leave zeros in the missing slots.
-
-    ``table``: optional int32 scratch of at least B * bound entries, all ``_EMPTY``; it is left
-    that way (only the touched entries are reset), so one allocation serves every call.
-    """
-    batch, m = values.shape
-    device = values.device
-    flat = (values + torch.arange(batch, device=device)[:, None] * bound).view(-1)
-    column = torch.arange(m, device=device, dtype=torch.int32).repeat(batch)
-    scratch = table is not None
-    table = table[: batch * bound] if scratch else torch.full((batch * bound,), _EMPTY, dtype=torch.int32, device=device)
-    table.scatter_reduce_(0, flat, column, reduce="amin")
-    is_first = (table.index_select(0, flat) == column).view(batch, m)
-    if scratch:
-        table.index_fill_(0, flat, _EMPTY)
-    rank = is_first.cumsum(1)
-    slot = torch.where(is_first & (rank <= k), rank - 1, k)  # the rest go to a spare column
-    return values.new_zeros(batch, k + 1).scatter_(1, slot, values)[:, :k]
-
-
-def distinct_draws(k: int, pool: int, sigmas: float = 9.0) -> int:
-    """The number of i.i.d. uniform draws from ``pool`` items that yields at least ``k`` distinct ones
-    with a margin of ``sigmas`` standard deviations (9 sigmas: a miss below 1e-15 per row).
-
-    Returns 0 when no number of draws below 4 * pool does (then drawing keys over the pool is cheaper).
-    """
-    def distinct_mean_std(m: int) -> tuple[float, float]:
-        q1, q2 = (1 - 1 / pool) ** m, (1 - 2 / pool) ** m
-        mean = pool * (1 - q1)
-        var = pool * q1 + pool * (pool - 1) * q2 - (pool * q1) ** 2
-        return mean, math.sqrt(max(var, 0.0))
-
-    m = k
-    while m < 4 * pool:
-        mean, std = distinct_mean_std(m)
-        if mean - sigmas * std - 1 >= k:
-            return m
-        m = int(m * 1.02) + 8
-    return 0
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:  # noqa: ANN001
+        # Checkpoints written before the stream existed load too (their run continues from step 0).
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if prefix + "stream" not in state_dict and prefix + "stream" in missing_keys:
+            missing_keys.remove(prefix + "stream")

@@ -2,7 +2,8 @@
 
 The pickles are decoded once into (N, 3, 32, 32) uint8 tensors; a batch is one gather
 (``__getitems__``), and crop/flip/normalise run on the whole batch on the training device
-(``on_after_batch_transfer``), so the data path does not limit a GPU run.
+(``on_after_batch_transfer``), so the data path does not limit a GPU run. The generic parts (the
+data contract, in-memory dataset, stratified split, DDP samplers) live in ``data/base.py``.
 """
 
 from __future__ import annotations
@@ -14,11 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import lightning
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from torchvision.datasets import CIFAR10, CIFAR100
 from torchvision.datasets.utils import download_and_extract_archive
 
@@ -26,11 +26,16 @@ from mcl_lightning.data.resident import DeviceResidentLoader
 from mcl_lightning.data.augment import (
     CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, normalize, random_crop_flip,
 )
+from mcl_lightning.data.base import (
+    Batch, InMemoryDataset, OKDDataModule, already_batched, check_val_split, holdout_size, stratified_split,
+)
+from mcl_lightning.data.resumable import ResumableOrderSampler
+from mcl_lightning.data.samplers import ClassBalancedBatchSampler, check_samples_per_class
 from mcl_lightning.errors import ConfigError, DatasetIntegrityError, DatasetNotFoundError
+from mcl_lightning.paths import default_data_root
+from mcl_lightning.registry import check_choice
 
 __all__ = ["CIFARDataModule", "InMemoryDataset", "stratified_split"]
-
-Batch = tuple[Tensor, Tensor, Tensor]
 
 
 @dataclass(frozen=True)
@@ -77,94 +82,37 @@ _SPECS = {
 }
 
 
-class InMemoryDataset(Dataset):
-    """(image uint8 (3,32,32), label int64, index int64) samples over in-memory tensors."""
-
-    def __init__(self, images: Tensor, labels: Tensor) -> None:
-        self.images, self.labels = images, labels
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int) -> Batch:
-        return self.images[index], self.labels[index], torch.tensor(index, dtype=torch.long)
-
-    def __getitems__(self, indices: list[int]) -> Batch:
-        # DataLoader calls this with the whole batch's indices: one gather instead of B lookups.
-        idx = torch.as_tensor(indices, dtype=torch.long)
-        return self.images[idx], self.labels[idx], idx
-
-
-def _already_batched(batch: Batch) -> Batch:
-    """collate_fn for `InMemoryDataset.__getitems__`, which returns a finished batch."""
-    return batch
-
-
-def stratified_split(labels: Tensor, val_size: int, seed: int) -> tuple[Tensor, Tensor]:
-    """Seeded class-stratified split; returns sorted (train_indices, val_indices).
-
-    Each class gets its share of `val_size` (largest-remainder rounding, ties to the lower class
-    id), drawn uniformly at random within the class.
-    """
-    n = len(labels)
-    counts = torch.bincount(labels)
-    quota = counts * val_size
-    take = quota // n
-    # Hand out the rounding remainder to the classes with the largest fractional share.
-    short = val_size - int(take.sum())
-    order = sorted(range(len(counts)), key=lambda c: (-int(quota[c] % n), c))
-    take[order[:short]] += 1
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    sorted_labels, pos = torch.sort(labels[perm], stable=True)  # classes grouped, random within
-    shuffled = perm[pos]
-    starts = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(n) - starts[sorted_labels]
-    in_val = torch.zeros(n, dtype=torch.bool)
-    in_val[shuffled[rank < take[sorted_labels]]] = True  # the first `take` of each class
-    return (~in_val).nonzero().squeeze(1), in_val.nonzero().squeeze(1)
-
-
-class CIFARDataModule(lightning.LightningDataModule):
+class CIFARDataModule(OKDDataModule):
     """CIFAR-100/CIFAR-10 from torchvision's pickle layout, held in memory as uint8 tensors.
 
     `batch_size` is the global batch (divided by the world size under DDP). Validation uses the
     test set unless `val_split` (count or fraction) holds out a stratified part of the training set.
     Batches are `(images, labels, indices)`; `indices` index the (possibly reduced) training set.
+    Crops and flips are keyed by (seed, epoch, index): the same on any number of ranks.
     """
 
     def __init__(self, root: str | os.PathLike | None = None, dataset: str = "cifar100",
                  num_classes: int | None = None, batch_size: int = 64, eval_batch_size: int = 256,
                  num_workers: int = 0, val_split: int | float = 0, split_seed: int = 0,
                  download: bool = True, check_integrity: bool = True, augment: bool = True,
-                 pin_memory: bool = False, drop_last: bool = False, device_resident: bool = False) -> None:
-        super().__init__()
-        if dataset not in _SPECS:
-            raise ConfigError(f"data.dataset={dataset!r} is not supported; choose one of {sorted(_SPECS)}.")
+                 pin_memory: bool = False, drop_last: bool = False, seed: int | None = None,
+                 samples_per_class: int | None = None, device_resident: bool = False) -> None:
+        super().__init__(batch_size, eval_batch_size, num_workers, pin_memory, drop_last, seed)
+        check_choice("data.dataset", dataset, sorted(_SPECS))
+        self.samples_per_class = check_samples_per_class(samples_per_class, batch_size)  # MCL's m-per-class batches
         self.spec = _SPECS[dataset]
         if num_classes is not None and num_classes != self.spec.num_classes:
             raise ConfigError(f"data.num_classes={num_classes} does not match {self.spec.title}, which "
                               f"has {self.spec.num_classes} classes; set data.num_classes={self.spec.num_classes}.")
-        for name, value, low in (("batch_size", batch_size, 1), ("eval_batch_size", eval_batch_size, 1),
-                                 ("num_workers", num_workers, 0)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ConfigError(f"data.{name} must be an integer >= {low}, got {value!r}.")
-        if (isinstance(val_split, bool) or not isinstance(val_split, (int, float)) or val_split < 0
-                or (isinstance(val_split, float) and val_split >= 1)):
-            raise ConfigError(f"data.val_split must be 0, a sample count >= 1 or a fraction in (0, 1); "
-                              f"got {val_split!r}.")
+        check_val_split(val_split)
         root = None if root is None else os.fspath(root)  # plain str keeps hparams YAML-friendly
         self.save_hyperparameters()
-        self.root, self.dataset, self.batch_size, self.eval_batch_size = root, dataset, batch_size, eval_batch_size
-        self.num_workers, self.val_split, self.split_seed = num_workers, val_split, split_seed
+        self.root, self.dataset = root, dataset
+        self.val_split, self.split_seed = val_split, split_seed
         self.download, self.check_integrity, self.augment = download, check_integrity, augment
-        self.pin_memory, self.drop_last = pin_memory, drop_last
         self.device_resident = device_resident  # training set on the training device (data/resident.py)
         self.mean, self.std = self.spec.mean, self.spec.std
-        self.per_device_batch_size = batch_size
         self.classes: list[str] | None = None
-        self.train_dataset: InMemoryDataset | None = None
-        self.val_dataset: InMemoryDataset | None = None
-        self.test_dataset: InMemoryDataset | None = None
 
     @property
     def num_classes(self) -> int:
@@ -177,28 +125,10 @@ class CIFARDataModule(lightning.LightningDataModule):
         return "holdout" if self.val_split else "test"
 
     @property
-    def selection_note(self) -> str:
-        """How checkpoints/epochs were selected: "test-selected" or "holdout-selected"."""
-        return f"{self.validation_source}-selected"
-
-    @property
-    def num_train_samples(self) -> int:
-        return len(self._require(self.train_dataset))
-
-    @property
-    def train_labels(self) -> Tensor:
-        """int64 labels of the training set, in the order of the `index` that batches carry."""
-        return self._require(self.train_dataset).labels
-
-    @property
     def data_dir(self) -> Path:
-        """`<root>/cifar-100-python` (or `cifar-10-batches-py`); raises if no root is set."""
-        root = self.root if self.root is not None else os.environ.get("MCL_DATA_ROOT") or None
-        if root is None:
-            raise DatasetNotFoundError(
-                f"No data root set for {self.spec.title}. Pass data.root=/path/to/data or "
-                f"`export MCL_DATA_ROOT=/path/to/data`; that folder must contain {self.spec.folder}/ "
-                f"in torchvision's layout ({', '.join(self._file_names())}).")
+        """`<root>/cifar-100-python` (or `cifar-10-batches-py`); root: `root`, `$MCL_DATA_ROOT`, or
+        the per-user default (`mcl_lightning.paths.default_data_root()`)."""
+        root = self.root if self.root is not None else os.environ.get("MCL_DATA_ROOT") or default_data_root()
         return Path(root).expanduser() / self.spec.folder
 
     def prepare_data(self) -> None:
@@ -220,47 +150,15 @@ class CIFARDataModule(lightning.LightningDataModule):
         if missing:
             raise DatasetNotFoundError(self._not_found(folder, missing, "The downloaded archive did not contain them."))
 
-    def setup(self, stage: str | None = None) -> None:
-        world_size = getattr(self.trainer, "world_size", 1) if self.trainer is not None else 1
-        if world_size > 1 and self.batch_size % world_size:
-            raise ConfigError(f"data.batch_size={self.batch_size} is the global batch and must be divisible "
-                              f"by the number of devices ({world_size}).")
-        self.per_device_batch_size = self.batch_size // max(world_size, 1)
-        if self.train_dataset is None:  # decode once; later stages reuse the tensors
-            self._load()
-
-    def train_dataloader(self) -> DataLoader | DeviceResidentLoader:
-        dataset = self._require(self.train_dataset)
-        if self.device_resident:
-            return self._resident_loader(dataset)
-        return self._loader(dataset, self.per_device_batch_size, True, self.drop_last)
-
-    def _resident_loader(self, dataset: InMemoryDataset) -> DeviceResidentLoader:
-        """The training set on the training device, same batches as the DataLoader (one device only)."""
-        trainer = self.trainer
-        if trainer is not None and trainer.world_size > 1:
-            raise ConfigError("data.device_resident=true serves one device; set it false under DDP")
-        device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
-        return DeviceResidentLoader(dataset.images, dataset.labels, self.per_device_batch_size, device,
-                                    shuffle=True, drop_last=self.drop_last)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self._require(self.val_dataset), self.eval_batch_size, False, False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self._require(self.test_dataset), self.eval_batch_size, False, False)
-
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Batch:
         """Crop+flip (training only) and normalise the whole batch on its device."""
         images, labels, indices = batch
-        if self.augment and self.trainer is not None and self.trainer.training:
-            images = random_crop_flip(images)  # default RNG: reproducible under seed_everything
+        if self.augment and self.in_training:
+            images = random_crop_flip(images, keys=self.augment_keys(indices))
         return normalize(images, self.mean, self.std), labels, indices
 
-    def _require(self, value: Any) -> Any:
-        if value is None:
-            raise RuntimeError("CIFARDataModule.setup() has not been called yet.")
-        return value
+    def collate_fn(self):  # noqa: ANN201
+        return already_batched  # InMemoryDataset.__getitems__ returns whole batches
 
     def _file_names(self) -> tuple[str, ...]:
         return (*self.spec.train_files, *self.spec.test_files, self.spec.meta_file)
@@ -324,6 +222,28 @@ class CIFARDataModule(lightning.LightningDataModule):
         images, labels = zip(*(self._decode(folder / name) for name in names))
         return (images[0], labels[0]) if len(names) == 1 else (torch.cat(images), torch.cat(labels))
 
+    def train_dataloader(self) -> DataLoader | DeviceResidentLoader:
+        if self.device_resident and not self.samples_per_class:
+            return self._resident_loader(self._require(self.train_dataset))
+        if not self.samples_per_class:
+            return super().train_dataloader()
+        # class-balanced batches (data/samplers.py); each rank keeps whole classes of the global batch
+        batches = ClassBalancedBatchSampler(self.train_labels, self.samples_per_class, self.batch_size,
+                                            seed=self.data_seed, rank=self.rank, world_size=self.world_size)
+        return DataLoader(self._require(self.train_dataset), batch_sampler=batches, num_workers=self.num_workers,
+                          pin_memory=self.pin_memory and torch.cuda.is_available(),
+                          persistent_workers=self.num_workers > 0, collate_fn=self.collate_fn())
+
+    def _resident_loader(self, dataset: Any) -> DeviceResidentLoader:
+        """The training set on the training device, the same batches as the DataLoader (one device only)."""
+        trainer = self.trainer
+        if trainer is not None and trainer.world_size > 1:
+            raise ConfigError("data.device_resident=true serves one device; set it false under DDP")
+        device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+        sampler = ResumableOrderSampler(dataset, self.world_size, self.rank, self.data_seed)  # the loader's order
+        return DeviceResidentLoader(dataset.images, dataset.labels, self.per_device_batch_size, device,
+                                    drop_last=self.drop_last, sampler=sampler)
+
     def _load(self) -> None:
         folder = self.data_dir
         missing = self._missing(folder)
@@ -345,16 +265,7 @@ class CIFARDataModule(lightning.LightningDataModule):
         if not self.val_split:
             self.train_dataset, self.val_dataset = InMemoryDataset(train_x, train_y), self.test_dataset
             return
-        n = len(train_y)
-        val_size = self.val_split if isinstance(self.val_split, int) else round(self.val_split * n)
-        if not 1 <= val_size < n:
-            raise ConfigError(f"data.val_split={self.val_split} gives {val_size} validation images out of "
-                              f"{n} training images; it must leave at least one on each side.")
+        val_size = holdout_size(self.val_split, len(train_y))
         train_idx, val_idx = stratified_split(train_y, val_size, self.split_seed)
         self.train_dataset = InMemoryDataset(train_x[train_idx], train_y[train_idx])
         self.val_dataset = InMemoryDataset(train_x[val_idx], train_y[val_idx])
-
-    def _loader(self, dataset: InMemoryDataset, batch_size: int, shuffle: bool, drop_last: bool) -> DataLoader:
-        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
-                          num_workers=self.num_workers, pin_memory=self.pin_memory,
-                          persistent_workers=self.num_workers > 0, collate_fn=_already_batched)

@@ -6,15 +6,16 @@ collation. ``CIFARDataModule(device_resident=True)`` (``data.device_resident=tru
 ``perf=gpu_fast``) returns this loader for training; augmentation stays where it is
 (``on_after_batch_transfer``, on the device).
 
-Same batches as the DataLoader: each epoch draws its shuffle exactly as ``DataLoader(shuffle=True)``
-does (one int64 from the default CPU generator for the iterator's base seed, then one for the
-``RandomSampler``'s generator, then ``randperm``), so a seeded run sees the same indices in the
-same order either way (tests/test_resident_data.py checks it under a Trainer).
+Same batches as the DataLoader: given the DataModule's training ``sampler`` (the seeded, resumable
+global order), batches take its indices in the same order; without one, each epoch draws its
+shuffle exactly as ``DataLoader(shuffle=True)`` does (one int64 from the default CPU generator for
+the iterator's base seed, then one for the ``RandomSampler``'s generator, then ``randperm``).
 """
 
 from __future__ import annotations
 
-from typing import Iterator
+import itertools
+from typing import Any, Iterator
 
 import torch
 from torch import Tensor
@@ -31,16 +32,19 @@ class DeviceResidentLoader:
         device: where the tensors and the batches live.
         shuffle: a new random order each epoch (as ``DataLoader(shuffle=True)``).
         drop_last: drop the last, smaller batch (static shapes, for CUDA graphs).
+        sampler: an iterable of dataset indices (with ``set_epoch``, which Lightning calls through
+            ``loader.sampler``); read one batch at a time, so a resumable sampler knows how far
+            the epoch got. ``None``: ``shuffle`` as above.
     """
 
     def __init__(self, images: Tensor, labels: Tensor, batch_size: int, device: torch.device | str,
-                 shuffle: bool = True, drop_last: bool = False) -> None:
+                 shuffle: bool = True, drop_last: bool = False, sampler: Any = None) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.device = torch.device(device)
         self.images = images.to(self.device)
         self.labels = labels.to(self.device)
-        self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
+        self.batch_size, self.shuffle, self.drop_last, self.sampler = batch_size, shuffle, drop_last, sampler
 
     def __len__(self) -> int:
         n = len(self.labels)
@@ -56,7 +60,19 @@ class DeviceResidentLoader:
         return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
 
     def __iter__(self) -> Iterator[Batch]:
+        if self.sampler is not None:
+            yield from self._from_sampler()
+            return
         order = self._order().to(self.device, non_blocking=True)  # one small copy per epoch
         for i in range(len(self)):
             index = order[i * self.batch_size:(i + 1) * self.batch_size]
+            yield self.images.index_select(0, index), self.labels.index_select(0, index), index
+
+    def _from_sampler(self) -> Iterator[Batch]:
+        indices = iter(self.sampler)
+        while True:
+            chunk = list(itertools.islice(indices, self.batch_size))
+            if not chunk or (self.drop_last and len(chunk) < self.batch_size):
+                return
+            index = torch.tensor(chunk, dtype=torch.long).to(self.device, non_blocking=True)  # B ints
             yield self.images.index_select(0, index), self.labels.index_select(0, index), index

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from mcl_lightning.errors import ConfigError
 from mcl_lightning.models.peers import PeerLayout, PeerOutput, PeerSpec
 from mcl_lightning.registry import Registry
+from mcl_lightning.spec import init_options, record_init_options
 
 
 class OKDMethod(nn.Module):
@@ -54,6 +55,15 @@ class OKDMethod(nn.Module):
         super().__init__()
         self.spec: PeerSpec | None = None
         self.epoch, self.max_epochs = 0, None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        record_init_options(cls)  # checkpoints carry the constructor's options (OKDSystem.from_checkpoint)
+
+    @property
+    def constructor_options(self) -> dict[str, Any]:
+        """The options this method was constructed with."""
+        return init_options(self)
 
     # -- wiring -------------------------------------------------------------------------------
     def attach(self, spec: PeerSpec) -> None:

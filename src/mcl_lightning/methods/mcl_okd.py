@@ -17,7 +17,14 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from mcl_lightning.contrast import MemoryBank, NegativeSampler, float32_region
+from mcl_lightning.contrast import (
+    MemoryBank,
+    NegativeSampler,
+    dense_pairwise_logits,
+    float32_region,
+    multi_view_nce_from_logits,
+    pairwise_logits,
+)
 from mcl_lightning.contrast.fused import Workspace, fused_multi_view_nce
 from mcl_lightning.errors import ConfigError
 from mcl_lightning.methods.base import OKDMethod, register_method
@@ -53,6 +60,8 @@ class MCLOKD(OKDMethod):
             whole bank against the batch in one matrix product, then the anchors' scores picked
             out; cheaper when B (K + 1) is several times the bank size) or ``auto``. Same values
             up to float rounding.
+        bank_dtype: memory-bank storage, ``float32`` or ``bfloat16``/``float16`` (half the memory;
+            scores and updates stay float32).
     """
 
     min_peers = 2
@@ -73,6 +82,7 @@ class MCLOKD(OKDMethod):
         alpha: float = 1.0,
         beta: float = 0.025,
         bank_scoring: str = "auto",
+        bank_dtype: str = "float32",
     ) -> None:
         super().__init__()
         check_choice("method.online_teacher_targets", online_teacher_targets, TEACHER_TARGETS)
@@ -89,12 +99,13 @@ class MCLOKD(OKDMethod):
         self.online_teacher_targets = online_teacher_targets
         self.gamma, self.alpha, self.beta = gamma, alpha, beta
         self.projection_dim, self.bank_momentum, self.bank_scoring = projection_dim, bank_momentum, bank_scoring
+        self.bank_dtype = bank_dtype
         self.negatives = NegativeSampler(nce_k, positive, negatives_with_replacement)
         self._workspace = Workspace()  # scratch buffers of the contrastive term (not state)
 
     def build(self, spec: PeerSpec) -> None:
         self.heads = nn.ModuleList(ProjectionHead(c, self.projection_dim) for c in spec.feature_dims)
-        self.memory_bank = MemoryBank(spec.num_peers, 0, self.projection_dim, self.bank_momentum)
+        self.memory_bank = MemoryBank(spec.num_peers, 0, self.projection_dim, self.bank_momentum, dtype=self.bank_dtype)
 
     def setup_data(self, train_labels: Tensor) -> None:
         self.negatives.bind(train_labels)
@@ -114,21 +125,43 @@ class MCLOKD(OKDMethod):
         with float32_region(labels.device):  # heads, scores and bank update all in float32
             z = torch.stack([head(f.float()) for head, f in zip(self.heads, features)])  # (N, B, D)
             contrast_idx = self.negatives(indices, labels)  # (B, K + 1)
-            # Loss and its gradient in one pass (contrast/fused.py): nothing of the scores or the
-            # banks is kept for backward, so the in-place update below needs no snapshot.
-            workspace = Workspace.for_device(self._workspace, z.device)  # CPU: reused scratch buffers
-            if self._dense_scoring(contrast_idx.shape):
-                scoring, bank = "dense", self.memory_bank.memory  # the whole banks, one GEMM each
+            if self._one_pass(z):
+                loss = self._one_pass_nce(z, contrast_idx)
             else:
-                scoring = "gather"  # (N, B, K + 1, D): one gather for all banks
-                rows = None if workspace is None else workspace.get(
-                    "rows", (self.num_peers * contrast_idx.numel() * self.projection_dim,), z.dtype, z.device)
-                bank = self.memory_bank.gather(contrast_idx, out=rows)
-            loss = fused_multi_view_nce(
-                z, bank, contrast_idx, self.tau, self.memory_bank.num_samples, self.eps, scoring, workspace
-            )
+                loss = self._autograd_nce(z, contrast_idx)
             self.memory_bank.update(indices, z.detach())
         return loss
+
+    def _one_pass(self, z: Tensor) -> bool:
+        """The one-pass loss (contrast/fused.py) on one process with float32 banks; under DDP the
+        autograd path, whose normaliser Z is the global batch's (contrast/nce.py ``score_means``)."""
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size() > 1
+        return not distributed and self.memory_bank.memory.dtype == torch.float32 and z.dtype == torch.float32
+
+    def _one_pass_nce(self, z: Tensor, contrast_idx: Tensor) -> Tensor:
+        # Loss and its gradient in one pass: nothing of the scores or the banks is kept for
+        # backward, so the in-place bank update that follows needs no snapshot.
+        workspace = Workspace.for_device(self._workspace, z.device)  # CPU: reused scratch buffers
+        if self._dense_scoring(contrast_idx.shape):
+            scoring, bank = "dense", self.memory_bank.memory  # the whole banks, one GEMM each
+        else:
+            scoring = "gather"  # (N, B, K + 1, D): one gather for all banks
+            rows = None if workspace is None else workspace.get(
+                "rows", (self.num_peers * contrast_idx.numel() * self.projection_dim,), z.dtype, z.device)
+            bank = self.memory_bank.gather(contrast_idx, out=rows)
+        return fused_multi_view_nce(z, bank, contrast_idx, self.tau, self.memory_bank.num_samples, self.eps,
+                                    scoring, workspace)
+
+    def _autograd_nce(self, z: Tensor, contrast_idx: Tensor) -> Tensor:
+        memory = self.memory_bank
+        if self._dense_scoring(contrast_idx.shape):
+            # a float32 snapshot: the product saves the bank for backward, and the update is in place
+            bank = memory.memory.clone() if memory.memory.dtype == torch.float32 else memory.memory.float()
+            logits = dense_pairwise_logits(bank, contrast_idx, z)
+        else:
+            logits = pairwise_logits(memory.gather(contrast_idx).float(), z)  # (N, B, K + 1, D), one gather
+        return multi_view_nce_from_logits(logits, self.tau, memory.num_samples, self.eps)
 
     def _dense_scoring(self, contrast_shape: torch.Size) -> bool:
         """Score the whole bank (one GEMM) rather than gather rows, when the gathered rows would

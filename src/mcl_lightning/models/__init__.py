@@ -1,6 +1,14 @@
 """Plain ``nn.Module``s: backbones (by name), the peer network, projection heads."""
 
-from mcl_lightning.models import cifar_resnet, wrn  # noqa: F401  (register the backbones)
+from mcl_lightning.models import (  # noqa: F401  (register the backbones)
+    cifar_resnet,
+    densenet,
+    hcgnet,
+    resnet_imagenet,
+    shufflenetv2,
+    vgg,
+    wrn,
+)
 from mcl_lightning.models.heads import ProjectionHead
 from mcl_lightning.models.peers import TOPOLOGIES, PeerLayout, PeerNetwork, PeerOutput, PeerSpec, build_peers
 from mcl_lightning.models.registry import (

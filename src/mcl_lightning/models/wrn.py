@@ -1,4 +1,5 @@
-"""Wide ResNets WRN-d-k (Zagoruyko & Komodakis 2016) as in winycg/MCL ``models/wrn.py``.
+"""Wide ResNets WRN-d-k (Zagoruyko & Komodakis 2016) as in winycg/MCL ``models/wrn.py``: WRN-16-2,
+WRN-40-2, WRN-28-4.
 
 Pre-activation wide basic blocks, n = (d - 4) / 6 per stage, widths 16 / 16k / 32k / 64k, no
 dropout, final BN -> ReLU -> global average pooling -> linear. Peers share the stem and the first
@@ -57,3 +58,9 @@ def wrn_16_2(num_classes: int = 100) -> StagedBackbone:
 @register_backbone("wrn_40_2")
 def wrn_40_2(num_classes: int = 100) -> StagedBackbone:
     return wide_resnet(40, 2, num_classes)
+
+
+@register_backbone("wrn_28_4")
+def wrn_28_4(num_classes: int = 100) -> StagedBackbone:
+    """WRN-28-4 (winycg/MCL ``wrn_28_4``): feature width 256."""
+    return wide_resnet(28, 4, num_classes)

@@ -1,0 +1,205 @@
+"""Kill-safe checkpoints: atomic writes, step checkpoints, SIGTERM, and finding the newest one.
+
+- ``AtomicCheckpointIO``: every checkpoint is written to a temporary file beside its target,
+  flushed to disk, then renamed over it; a crash while writing leaves the previous file intact.
+- ``LastCheckpoint``: replaces ``<dir>/last.ckpt`` at the end of every epoch (after validation and
+  after ModelCheckpoint's best), every N optimizer steps, and, when the process gets SIGTERM (what
+  schedulers send before a kill), after the step in progress; then it stops the run with
+  ``Preempted``. (Lightning 2.6's ``ModelCheckpoint(save_last=True)`` refreshes ``last.ckpt`` only
+  in epochs that also write a best checkpoint.) Resuming from such a mid-epoch checkpoint continues at the next batch of
+  the same epoch order (``data.resumable``), with banks, heads, optimiser and RNG states as they were.
+- ``resolve_ckpt_path``: ``ckpt_path=last`` is the newest checkpoint of the run directory (a
+  pre-empted job is relaunched with the same command), a directory is its newest checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Checkpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from mcl_lightning.errors import ConfigError
+
+LAST = "last.ckpt"
+_TMP_SUFFIX = ".tmp"
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``torch.save`` into ``.<name>.<random>.tmp`` in the target's folder, fsync, then ``os.replace``."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if "://" in str(path):  # remote storage: Lightning's own transaction-based writer
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        if storage_options is not None:
+            raise TypeError("AtomicCheckpointIO.save_checkpoint takes no storage_options")
+        atomic_save(checkpoint, Path(path))
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """Write ``obj`` to ``path`` so that readers only ever see the old file or the complete new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}{_TMP_SUFFIX}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for a plain open
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    with contextlib.suppress(OSError):  # make the rename itself durable (not possible on every filesystem)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Delete the temporary files a killed writer left in ``folder``; returns what was removed."""
+    removed = []
+    for tmp in folder.glob(f".*.ckpt.*{_TMP_SUFFIX}") if folder.is_dir() else []:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+            removed.append(tmp)
+    return removed
+
+
+class Preempted(SIGTERMException):
+    """Training stopped on SIGTERM after saving ``checkpoint``."""
+
+    def __init__(self, checkpoint: Path | None, epoch: int, step: int) -> None:
+        super().__init__(143)
+        self.checkpoint, self.epoch, self.step = checkpoint, epoch, step
+
+
+class LastCheckpoint(Checkpoint):
+    """``<dirpath>/last.ckpt`` at every epoch end, every ``every_n_steps`` optimizer steps (0: never)
+    and on SIGTERM. A ``Checkpoint`` callback: Lightning runs it after the others (the non-finite
+    guard first); list it after ``ModelCheckpoint`` so that its state includes the epoch's best.
+
+    On one process SIGTERM only sets a flag: the step in progress finishes, the checkpoint is
+    written, and ``Preempted`` stops the run. At an epoch's last step (and during validation) the
+    epoch finishes first and the run stops after its checkpoint; in the last epoch the run finishes.
+    Under DDP Lightning's own handler stops every rank at the same batch (it broadcasts the signal
+    each step) and the checkpoint is written then.
+    """
+
+    def __init__(self, dirpath: str | Path, every_n_steps: int = 0) -> None:
+        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 0:
+            raise ConfigError(f"checkpoint.every_n_steps must be an integer >= 0 (0: epoch ends only), got {every_n_steps!r}")
+        self.dirpath, self.every_n_steps = Path(dirpath), every_n_steps
+        self.sigterm = False
+        self.saved_on_sigterm = False
+        self._last_saved_step = -1
+        self._previous_handler: Any = None
+
+    @property
+    def path(self) -> Path:
+        return self.dirpath / LAST
+
+    # -- SIGTERM ------------------------------------------------------------------------------
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.sigterm = self.saved_on_sigterm = False
+        if trainer.world_size == 1 and threading.current_thread() is threading.main_thread():
+            # Replaces Lightning's handler (which would abort a validation half-way) for this fit.
+            self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        self.sigterm = True
+
+    def _restore_handler(self) -> None:
+        if self._previous_handler is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._previous_handler)
+        self._previous_handler = None
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore_handler()
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._restore_handler()
+
+    # -- saving -------------------------------------------------------------------------------
+    def save(self, trainer: L.Trainer) -> None:
+        trainer.save_checkpoint(self.path, weights_only=False)
+        self._last_saved_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if batch_idx + 1 >= trainer.num_training_batches:
+            # The epoch's own checkpoint follows its validation (restarting from a checkpoint written
+            # here, Lightning would skip that validation); on SIGTERM the run stops after it.
+            return
+        stepped = (batch_idx + 1) % trainer.accumulate_grad_batches == 0  # no half-accumulated gradients
+        if self.sigterm and stepped:
+            self.save(trainer)
+            self.saved_on_sigterm = True
+            raise Preempted(self.path, trainer.current_epoch, trainer.global_step)
+        step = trainer.global_step
+        if self.every_n_steps and stepped and step % self.every_n_steps == 0 and step != self._last_saved_step:
+            self.save(trainer)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self.save(trainer)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.sigterm:  # came during the last step or the validation: the epoch-end checkpoint is the one
+            self.saved_on_sigterm = True
+            raise Preempted(self.path, trainer.current_epoch - 1, trainer.global_step)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        # DDP: Lightning raised SIGTERMException on every rank at the start of the same batch.
+        if (isinstance(exception, SIGTERMException) and not isinstance(exception, Preempted)
+                and trainer.training and not trainer.sanity_checking):
+            self.save(trainer)
+            self.saved_on_sigterm = True
+        self._restore_handler()
+
+
+# -- finding checkpoints ------------------------------------------------------------------------
+def newest_checkpoint(folder: Path) -> Path | None:
+    """``last.ckpt`` of ``folder`` (or of ``folder/checkpoints``), else its newest ``*.ckpt``."""
+    for candidate in (folder / "checkpoints", folder):
+        if (candidate / LAST).is_file():
+            return candidate / LAST
+        found = [p for p in candidate.glob("*.ckpt") if p.is_file()] if candidate.is_dir() else []
+        if found:
+            return max(found, key=lambda p: p.stat().st_mtime)
+    return None
+
+
+def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> Path | None:
+    """The checkpoint to resume from, or None to start fresh.
+
+    ``last``: the newest checkpoint of ``run_dir`` (None if it has none yet: a first launch);
+    a directory: its newest checkpoint (an error if it has none); a file: itself.
+    """
+    if ckpt_path in (None, ""):
+        return None
+    if str(ckpt_path) == "last":
+        return newest_checkpoint(run_dir)
+    path = Path(str(ckpt_path)).expanduser()
+    if path.is_dir():
+        found = newest_checkpoint(path)
+        if found is None:
+            raise ConfigError(f"ckpt_path={ckpt_path} is a folder without checkpoints (*.ckpt); pass a run "
+                              "directory that has checkpoints/, a .ckpt file, or ckpt_path=last")
+        return found
+    if not path.is_file():
+        raise ConfigError(f"ckpt_path={ckpt_path} does not exist; pass a checkpoint such as "
+                          "<run dir>/checkpoints/last.ckpt, a run directory, or ckpt_path=last")
+    return path

@@ -1,0 +1,178 @@
+"""Mutual Contrastive Learning (Yang, An, Cai, Xu, AAAI 2022), the CIFAR version of winycg/MCL
+(``main_cifar.py``, ``losses/cifar_sup_mcl_loss.py``).
+
+Every network has its own projection MLP, z_i = normalise(W2 relu(W1 h_i)) in R^128, and
+s^{ij} = z_i z_j^T / tau is the (B, B) similarity of network i's anchors to network j's embeddings of
+the same batch. With P(b) = {c != b : y_c = y_b} (same class, the anchor itself excluded) and the
+denominator over every c != b (the same-instance column excluded, also across networks):
+
+    SupCon(s) = mean over anchors b with P(b) non-empty of
+                -1/|P(b)| sum_{p in P(b)} [ s_bp - log sum_{c != b} exp(s_bc) ]
+
+    L = sum_i CE(f_i, y)                                          ce
+      + alpha  * sum_i SupCon(s^{ii})                             vcl       (within each network)
+      + gamma  * sum_{i != j} T^2 KL(softmax(s^{jj}/T), det. || softmax(s^{ii}/T))   soft_vcl
+      + beta   * sum_{i != j} SupCon(s^{ij})                      icl       (across each ordered pair)
+      + lam    * sum_{i != j} T^2 KL(softmax(s^{ji}/T), det. || softmax(s^{ij}/T))   soft_icl
+      [ + T^2 KL(softmax(mean_i f_i / T), det. || softmax(f_k / T)) for k in {0, 1} if N = 2 else {N-1} ]  logit_kd
+
+KL rows are whole rows of s (the reference does not mask them), batch mean; T = kd_temperature.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mcl_lightning.contrast import float32_region
+from mcl_lightning.errors import ConfigError
+from mcl_lightning.methods.base import OKDMethod, register_method
+from mcl_lightning.methods.losses import cross_entropy_per_peer, distill_kl
+from mcl_lightning.models.peers import PeerLayout, PeerOutput, PeerSpec
+
+
+class ProjectionMLP(nn.Module):
+    """``Linear(C, D)`` -> ReLU -> ``Linear(D, D)`` -> L2 normalisation (the reference's ``Embed``)."""
+
+    def __init__(self, in_dim: int, out_dim: int = 128) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(in_dim, out_dim), nn.ReLU(inplace=True), nn.Linear(out_dim, out_dim))
+
+    def forward(self, features: Tensor) -> Tensor:
+        z = self.net(features.flatten(1))
+        return z / z.pow(2).sum(1, keepdim=True).sqrt()  # no epsilon, as the reference's Normalize
+
+
+def supervised_contrastive(similarity: Tensor, labels: Tensor) -> Tensor:
+    """SupCon loss of each (B, B) similarity matrix in ``similarity`` (..., B, B) -> (...).
+
+    Positives of anchor b: the other samples of its class; denominator: every column but b itself.
+    Anchors without a positive are left out of the mean (the reference divides 0 by 0 there); a
+    matrix with no such anchor at all gives 0. No host synchronisation.
+    """
+    b = labels.shape[0]
+    eye = torch.eye(b, dtype=torch.bool, device=labels.device)
+    positives = (labels[:, None] == labels[None, :]) & ~eye
+    # log sum_{c != b} exp(s_bc): a finite fill instead of -inf keeps a 1-sample batch free of NaN
+    log_denominator = similarity.masked_fill(eye, torch.finfo(similarity.dtype).min).logsumexp(-1, keepdim=True)
+    log_prob = similarity - log_denominator
+    count = positives.sum(1)
+    mean_log_prob_pos = (log_prob * positives).sum(-1) / count.clamp(min=1)
+    has_positive = count > 0
+    return -(mean_log_prob_pos * has_positive).sum(-1) / has_positive.sum().clamp(min=1)
+
+
+def row_kl(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
+    """``T^2 KL(softmax(teacher/T) || softmax(student/T))`` per matrix, batch mean over rows: (..., B, B) -> (...).
+
+    ``teacher`` is used as given (detach it first)."""
+    log_p = F.log_softmax(student / temperature, dim=-1)
+    log_q = F.log_softmax(teacher / temperature, dim=-1)
+    return (log_q.exp() * (log_q - log_p)).sum(-1).mean(-1) * temperature**2
+
+
+@register_method("mutual_cl")
+class MutualCL(OKDMethod):
+    """Mutual contrastive learning: in-batch supervised contrast within (VCL) and across (ICL) the
+    networks, and mutual KL between their contrastive distributions (soft VCL / soft ICL).
+
+    Train it with class-balanced batches (``data.samples_per_class=2``, as the reference): with plain
+    shuffling many anchors have no same-class partner in the batch and drop out of VCL / ICL. Peers
+    may be different backbones (each has its own projection MLP from its own width).
+
+    Args:
+        projection_dim: output width of the projection MLPs (reference feat_dim: 128).
+        tau: temperature of the contrastive distributions (the issue's 0.1; the reference CIFAR
+            script's default is 0.07, see docs/methods/mutual_cl.md).
+        kd_temperature: T of soft VCL / soft ICL and of the logit distillation (reference kd_T: 3).
+        alpha, gamma, beta, lam: weights of VCL, soft VCL, ICL and soft ICL (reference scripts:
+            0.1, 1, 0.1, 1).
+        logit_distill: add the reference's ``--logit-distill`` term (weight 1; both peers when
+            N = 2, else the last peer; teacher = detached mean of all peers' logits).
+        layout_peers: the N the entry point builds the peers for (the config passes ``${peers}``).
+            The reference trains N = 2 as two independent networks and other N as branches of one
+            network sharing stem and first stage; ``reference_layout`` follows it (``None``: shared).
+    """
+
+    min_peers = 2
+    ensemble_description = "mean of the peers' logits (the reference sums them: the same prediction)"
+
+    def __init__(
+        self,
+        projection_dim: int = 128,
+        tau: float = 0.1,
+        kd_temperature: float = 3.0,
+        alpha: float = 0.1,
+        gamma: float = 1.0,
+        beta: float = 0.1,
+        lam: float = 1.0,
+        logit_distill: bool = False,
+        layout_peers: int | Sequence[str] | None = None,
+    ) -> None:
+        super().__init__()
+        if tau <= 0 or kd_temperature <= 0:
+            raise ConfigError(f"method.tau and method.kd_temperature must be > 0, got {tau} and {kd_temperature}")
+        if projection_dim < 1:
+            raise ConfigError(f"method.projection_dim must be >= 1, got {projection_dim}")
+        if min(alpha, gamma, beta, lam) < 0:
+            raise ConfigError(f"loss weights must be >= 0, got alpha={alpha}, gamma={gamma}, beta={beta}, lam={lam}")
+        self.projection_dim, self.tau, self.kd_temperature = projection_dim, tau, kd_temperature
+        self.alpha, self.gamma, self.beta, self.lam = alpha, gamma, beta, lam
+        self.logit_distill = bool(logit_distill)
+        if layout_peers is not None and not isinstance(layout_peers, int):
+            layout_peers = len(list(layout_peers))  # backbone names: one peer per name
+        self.layout_peers = layout_peers
+
+    @property
+    def reference_layout(self) -> PeerLayout:  # winycg/MCL models: *_n for N = 2, *_b otherwise
+        return PeerLayout(topology="independent") if self.layout_peers == 2 else PeerLayout()
+
+    def build(self, spec: PeerSpec) -> None:
+        self.heads = nn.ModuleList(ProjectionMLP(c, self.projection_dim) for c in spec.feature_dims)
+
+    def embed(self, features: Sequence[Tensor]) -> Tensor:
+        """(N, B, D) normalised embeddings, one projection MLP per network."""
+        return torch.stack([head(f.float()) for head, f in zip(self.heads, features)])
+
+    def contrastive_terms(self, features: Sequence[Tensor], labels: Tensor) -> dict[str, Tensor]:
+        """Unweighted VCL, soft VCL, ICL and soft ICL, each summed over networks / ordered pairs."""
+        with float32_region(labels.device):
+            z = self.embed(features)
+            n = z.shape[0]
+            # s[i, j] = z_i z_j^T / tau: every (anchor network, contrast network) pair in one product
+            s = torch.einsum("ibd,jcd->ijbc", z, z) / self.tau  # (N, N, B, B)
+            off = 1.0 - torch.eye(n, dtype=z.dtype, device=z.device)  # a mask by product: no host sync
+            supcon = supervised_contrastive(s, labels)  # (N, N)
+            intra = s.diagonal(dim1=0, dim2=1).permute(2, 0, 1)  # (N, B, B): s[i, i]
+            # soft VCL: student s[i, i], teacher s[j, j]; soft ICL: student s[i, j], teacher s[j, i]
+            soft_vcl = row_kl(intra[:, None], intra[None, :].detach(), self.kd_temperature)  # [i, j]
+            soft_icl = row_kl(s, s.transpose(0, 1).detach(), self.kd_temperature)
+            return {
+                "vcl": supcon.diagonal().sum(),
+                "soft_vcl": (soft_vcl * off).sum(),
+                "icl": (supcon * off).sum(),
+                "soft_icl": (soft_icl * off).sum(),
+            }
+
+    def logit_kd(self, logits: Tensor) -> Tensor:
+        """T^2 KL from the detached mean of the peers' logits: both peers if N = 2, else the last."""
+        teacher = logits.detach().mean(0)
+        students = logits if logits.shape[0] == 2 else logits[-1]
+        with float32_region(logits.device):
+            return distill_kl(students, teacher, self.kd_temperature)
+
+    def forward(self, output: PeerOutput, labels: Tensor, indices: Tensor) -> dict[str, Tensor]:
+        terms = self.contrastive_terms(output.features, labels)
+        losses = {
+            "ce": cross_entropy_per_peer(output.logits, labels).sum(),
+            "vcl": self.alpha * terms["vcl"],
+            "soft_vcl": self.gamma * terms["soft_vcl"],
+            "icl": self.beta * terms["icl"],
+            "soft_icl": self.lam * terms["soft_icl"],
+        }
+        if self.logit_distill:
+            losses["logit_kd"] = self.logit_kd(output.logits)
+        return losses

@@ -1,0 +1,218 @@
+"""Every bad input caught early, nothing overwritten.
+
+``EarlyChecks`` is a Hydra callback (``conf/train.yaml``) that runs before Hydra creates the run
+directory or writes anything into it: the run directory's state, the config values (by building
+the peers and the method, whose constructors check their options), the data folder, the batch
+size against the devices, and a ``ckpt_path`` against the config. ``train.run`` repeats the
+checks (multirun jobs and Python callers skip the callback). Every failure is one ``ConfigError``
+that names the problem and the fix; the entry point prints it as one line and exits with 2.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.experimental.callback import Callback
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from mcl_lightning.checkpointing import newest_checkpoint, resolve_ckpt_path
+from mcl_lightning.errors import ConfigError
+
+
+# -- the config ---------------------------------------------------------------------------------
+def check_config(cfg: DictConfig) -> None:
+    """Checks no constructor makes: the peers' form, checkpointing, the data folder, batch vs devices."""
+    peers = cfg.peers
+    if isinstance(peers, bool) or not isinstance(peers, (int, list)) and not OmegaConf.is_list(peers):
+        raise ConfigError(f"peers must be a number of peers (peers=4) or a list of backbone names "
+                          f"(peers=[resnet32,wrn_16_2]), got {peers!r}")
+    if isinstance(peers, int) and peers < 1:
+        raise ConfigError(f"peers must be >= 1, got {peers} (e.g. peers=4)")
+    optim = cfg.get("optim") or {}
+    lr, momentum, decay = optim.get("lr", 0.05), optim.get("momentum", 0.9), optim.get("weight_decay", 0.0)
+    if not lr > 0 or not 0.0 <= momentum < 1.0 or decay < 0:
+        raise ConfigError(f"optim needs lr > 0, momentum in [0, 1) and weight_decay >= 0; got optim.lr={lr}, "
+                          f"optim.momentum={momentum}, optim.weight_decay={decay}")
+    every = cfg.get("checkpoint", {}).get("every_n_steps", 0)
+    if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+        raise ConfigError(f"checkpoint.every_n_steps must be an integer >= 0 (0: epoch ends only), got {every!r}")
+    root = cfg.data.get("root")
+    if root is not None and not Path(str(root)).expanduser().is_dir():
+        raise ConfigError(
+            f"data.root={root} (or MCL_DATA_ROOT) is not a folder; fix the path, or create the folder "
+            "(CIFAR is then downloaded into it when a network is there), or leave data.root unset to use "
+            "the default data folder")
+    world = configured_world_size(cfg.trainer)
+    if world:
+        check_batch_divides(int(cfg.data.batch_size), world)
+
+
+def configured_world_size(trainer: DictConfig) -> int | None:
+    """devices x num_nodes when both are fixed numbers (None for ``auto`` / ``-1``: known later)."""
+    devices, nodes = trainer.get("devices", 1), trainer.get("num_nodes", 1)
+    if OmegaConf.is_list(devices) or isinstance(devices, list):
+        devices = len(devices)
+    if isinstance(devices, str) and devices.isdigit():
+        devices = int(devices)
+    if isinstance(devices, bool) or not isinstance(devices, int) or devices < 1 or not isinstance(nodes, int):
+        return None
+    return devices * nodes
+
+
+def check_batch_divides(batch_size: int, world_size: int) -> None:
+    if world_size > 1 and batch_size % world_size:
+        low = batch_size - batch_size % world_size
+        raise ConfigError(
+            f"data.batch_size={batch_size} is the global batch and must be divisible by the number of devices "
+            f"({world_size}); set data.batch_size={low or world_size} or {low + world_size}, or change trainer.devices")
+
+
+# -- the run directory ----------------------------------------------------------------------------
+def check_run_dir(run_dir: Path, ckpt_path: Any) -> None:
+    """Refuse a run directory that holds a run, unless ``ckpt_path`` asks to resume it."""
+    if ckpt_path not in (None, ""):
+        return  # resuming (into this directory or from another run): asked for
+    results, checkpoint = run_dir / "results.json", newest_checkpoint(run_dir)
+    if results.is_file():
+        status = _status(results)
+        raise ConfigError(
+            f"hydra.run.dir={run_dir} already holds a {status} run ({results.name}); nothing was changed. "
+            "Choose another hydra.run.dir, or pass ckpt_path=last to continue that run")
+    if checkpoint is not None:
+        raise ConfigError(
+            f"hydra.run.dir={run_dir} holds an unfinished run ({checkpoint.relative_to(run_dir)}); nothing was "
+            "changed. Resume it with ckpt_path=last (the same command otherwise), or choose another hydra.run.dir")
+
+
+def _status(results: Path) -> str:
+    try:
+        return "failed" if json.loads(results.read_text()).get("status") == "failed" else "finished"
+    except (OSError, ValueError):
+        return "finished"
+
+
+# -- a checkpoint against the config ---------------------------------------------------------------
+def load_checkpoint_meta(path: Path) -> dict[str, Any]:
+    """The checkpoint, memory-mapped (cheap even with large banks); a clear error if unreadable."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:  # truncated, not a checkpoint, ...
+        raise ConfigError(f"ckpt_path={path} cannot be read as a checkpoint ({type(error).__name__}: "
+                          f"{str(error)[:200]}); pass another checkpoint, e.g. ckpt_path=last") from error
+
+
+def checkpoint_differences(checkpoint: dict[str, Any], peers_spec: dict | None, method_spec: dict | None,
+                           data: dict[str, Any] | None = None) -> list[str]:
+    """What differs between a checkpoint and the network, method and data about to be trained."""
+    diffs: list[str] = []
+    saved = checkpoint.get("peers_spec")
+    if saved and peers_spec:
+        for key, label in (("num_peers", "peers"), ("backbone", "backbone"), ("topology", "topology"),
+                           ("num_classes", "classes"), ("branch_point", "backbone.branch_point")):
+            if saved.get(key) != peers_spec.get(key):
+                diffs.append(f"{label}: checkpoint {saved.get(key)}, now {peers_spec.get(key)}")
+    saved_method = checkpoint.get("method_spec")
+    if saved_method and method_spec:
+        if saved_method["target"] != method_spec["target"]:
+            diffs.append(f"method: checkpoint {saved_method['target']}, now {method_spec['target']}")
+        else:
+            old, new = saved_method["options"], method_spec["options"]
+            diffs += [f"method.{k}: checkpoint {old[k]}, now {new[k]}" for k in old if k in new and old[k] != new[k]]
+    saved_data = checkpoint.get("datamodule_hyper_parameters") or {}
+    for key in ("dataset", "val_split", "split_seed"):
+        if data and key in saved_data and key in data and saved_data[key] != data[key]:
+            diffs.append(f"data.{key}: checkpoint {saved_data[key]}, now {data[key]} (the memory banks hold one row "
+                         "per training image)")
+    if data and mid_epoch(checkpoint) and saved_data.get("batch_size") not in (None, data.get("batch_size")):
+        diffs.append(f"data.batch_size: checkpoint {saved_data['batch_size']}, now {data['batch_size']} (the "
+                     "checkpoint stopped mid-epoch)")
+    return diffs
+
+
+def state_differences(saved: dict[str, torch.Tensor], current: dict[str, torch.Tensor]) -> list[str]:
+    """Tensors whose shapes differ (bank size, head widths, ...) and keys only one side has."""
+    diffs = []
+    for key in sorted(set(saved) & set(current)):
+        if tuple(saved[key].shape) != tuple(current[key].shape) and current[key].numel() > 0:
+            what = "bank size" if key.endswith("memory_bank.memory") else key
+            diffs.append(f"{what}: checkpoint {tuple(saved[key].shape)}, now {tuple(current[key].shape)}")
+    for label, keys in (("only in the checkpoint", set(saved) - set(current)),
+                        ("missing from the checkpoint", set(current) - set(saved))):
+        if keys:
+            shown = sorted(keys)
+            diffs.append(f"{label}: {', '.join(shown[:4])}{' ...' if len(shown) > 4 else ''}")
+    return diffs
+
+
+def mid_epoch(checkpoint: dict[str, Any]) -> bool:
+    """Was the checkpoint written in the middle of an epoch (a step or SIGTERM checkpoint)?"""
+    try:
+        progress = checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]
+        return not progress["is_last_batch"] and progress["current"]["processed"] > 0
+    except (KeyError, TypeError):
+        return False
+
+
+def incompatible(path: Path, diffs: list[str]) -> ConfigError:
+    return ConfigError(f"ckpt_path={path} was trained with a different configuration: {'; '.join(diffs)}. "
+                       "Resume with the checkpoint's settings, or start a new run without ckpt_path")
+
+
+# -- the Hydra callback --------------------------------------------------------------------------
+class EarlyChecks(Callback):
+    """Runs the checks before Hydra creates or writes the run directory (single runs)."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            run_dir = Path(str(config.hydra.run.dir)).resolve()
+        except Exception:  # an interpolation only a running job can resolve: train.run checks it
+            run_dir = None
+        from mcl_lightning.train import _user_error
+
+        try:
+            preflight(config, run_dir)
+        except Exception as error:  # Hydra would only warn: a user's mistake stops here, a bug in train.run
+            user_error = _user_error(error)
+            if user_error is None:
+                raise
+            print(f"error: {user_error}", file=sys.stderr)
+            sys.exit(2)
+
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        # The jobs' own options are checked by each job (train.run); here only the sweep directory.
+        try:
+            sweep = Path(str(config.hydra.sweep.dir)).resolve()
+        except Exception:
+            return
+        if config.get("ckpt_path") not in (None, "") or not sweep.is_dir():
+            return
+        held = sorted([*sweep.rglob("results.json"), *sweep.rglob("*.ckpt")])
+        if held:
+            print(f"error: hydra.sweep.dir={sweep} already holds runs ({held[0].relative_to(sweep)}); nothing was "
+                  "changed. Choose another hydra.sweep.dir, or pass ckpt_path=last to continue each job", file=sys.stderr)
+            sys.exit(2)
+
+
+def preflight(cfg: DictConfig, run_dir: Path | None) -> None:
+    """Every check that needs no data: run directory, config values, network + method, checkpoint."""
+    from mcl_lightning.train import build_network, data_options  # train imports this module
+
+    if run_dir is not None:
+        check_run_dir(run_dir, cfg.ckpt_path)
+    check_config(cfg)
+    peers, method = build_network(cfg)
+    instantiate(cfg.data)  # the data module checks its options; nothing is loaded yet
+    path = resolve_ckpt_path(cfg.ckpt_path, run_dir) if run_dir is not None else None
+    if path is not None:
+        from mcl_lightning.spec import method_spec
+
+        diffs = checkpoint_differences(load_checkpoint_meta(path), peers.build_spec, method_spec(method),
+                                       data_options(cfg))
+        if diffs:
+            raise incompatible(path, diffs)
