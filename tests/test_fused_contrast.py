@@ -130,3 +130,45 @@ def test_one_pass_and_autograd_paths_of_the_method_agree():
     torch.testing.assert_close(l1, l2, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(m1, m2)
+
+
+def test_first_distinct_keeps_the_first_k_distinct_values_in_order_with_or_without_a_table():
+    from mcl_lightning.contrast.negatives import _EMPTY, first_distinct
+
+    values = torch.tensor([[3, 3, 1, 4, 1, 5, 9, 2, 6], [0, 0, 0, 7, 7, 1, 0, 2, 8]])
+    assert first_distinct(values, 4, 10).tolist() == [[3, 1, 4, 5], [0, 7, 1, 2]]
+    table = torch.full((2 * 10,), _EMPTY, dtype=torch.int32)
+    assert first_distinct(values, 4, 10, table).tolist() == [[3, 1, 4, 5], [0, 7, 1, 2]]
+    assert (table == _EMPTY).all()  # the scratch is left clean for the next call
+    g = torch.Generator().manual_seed(0)
+    big = torch.randint(0, 1000, (16, 900), generator=g)
+    table = torch.full((16 * 1000,), _EMPTY, dtype=torch.int32)
+    with_table, sorted_way = first_distinct(big, 300, 1000, table), first_distinct(big, 300, 1000)
+    assert torch.equal(with_table, sorted_way)  # the batch size (which picks the way) never matters
+    for row, picked in zip(big.tolist(), with_table.tolist()):
+        assert picked == list(dict.fromkeys(row))[:300]
+
+
+def test_sampler_rows_do_not_depend_on_the_batch_around_them():
+    """Keyed draws: an anchor's negatives are the same alone, in a batch, or in a batch too large
+    for the first-position table (which then sorts)."""
+    from mcl_lightning.contrast import negatives
+
+    labels_all = torch.arange(3000) % 10
+    sampler = NegativeSampler(k=200)
+    sampler.bind(labels_all)
+    assert sampler.mode == "sparse"
+    indices = torch.arange(0, 3000, 37)
+    big = sampler(indices, labels_all[indices])
+    sampler.stream[1] -= 1
+    alone = sampler(indices[5:6], labels_all[indices[5:6]])
+    assert torch.equal(alone[0], big[5])
+    sampler.stream[1] -= 1
+    limit = negatives.FIRST_POSITION_TABLE_LIMIT
+    try:
+        negatives.FIRST_POSITION_TABLE_LIMIT = 0  # force the sorting way
+        assert torch.equal(sampler(indices, labels_all[indices]), big)
+    finally:
+        negatives.FIRST_POSITION_TABLE_LIMIT = limit
+    assert all(len(set(row)) == 200 for row in big[:, 1:].tolist())
+    assert (labels_all[big[:, 1:]] != labels_all[indices][:, None]).all()

@@ -14,11 +14,15 @@ Without replacement, a row's K negatives are a uniformly random K-subset of its 
 of two ways, chosen once at :meth:`NegativeSampler.bind` by memory:
 
 - ``sparse`` (whenever K is small next to the pool, e.g. every ImageNet setting): draw M >= K
-  candidates with replacement, keep the distinct ones (the distinct values of i.i.d. uniform draws
-  are a uniform subset given their number) and take K of them by random keys. M is set so that
+  candidates with replacement and keep the first K distinct ones in draw order (the first K distinct
+  values of an i.i.d. uniform sequence are a sample without replacement: a uniform K-subset); a
+  reused (B, pool) table of first positions finds them without sorting for CIFAR-size pools (at
+  most 131k, table at most 64 MB), a stable sort otherwise (the same result, so neither the batch
+  size nor the device's choice ever changes a row's negatives).
+  M is set so that
   fewer than K distinct candidates has probability below 1e-20 per row (then the row repeats a
   negative); memory is B x M, which does not grow with the dataset
-  (M ~ K + K^2 / (2 pool) + sqrt(92 K) + 92).
+  (M ~ K + K^2 / (2 pool) + sqrt(92 K) + 92), plus the table on CIFAR-size pools.
 - ``dense`` (K a large fraction of the pool): random keys over the whole pool, K smallest kept;
   memory B x pool, taken only when that is at most twice the sparse path's.
 """
@@ -36,6 +40,40 @@ from mcl_lightning.registry import check_choice
 
 POSITIVE_MODES = ("exact", "relax")
 _BIG = 1 << 62  # keys above every real key (real keys < 2**63 / 2)
+
+
+FIRST_POSITION_TABLE_LIMIT = 1 << 24  # entries (int32) of the first-position table: 64 MB
+FIRST_POSITION_TABLE_MAX_POOL = 1 << 17  # CIFAR-size pools only: ImageNet's keep memory ~ B x M
+_EMPTY = torch.iinfo(torch.int32).max  # a table entry no value has claimed
+
+
+def first_distinct(values: Tensor, k: int, bound: int, table: Tensor | None = None) -> Tensor:
+    """The first ``k`` distinct entries of each row of ``values`` (B, M), in order; ints in [0, bound).
+
+    Fixed shapes, no host sync. First occurrences are found with ``table``, an int32 scratch of at
+    least B * bound entries all ``_EMPTY`` (each value's first column by ``scatter_reduce`` amin;
+    only the touched entries are reset afterwards, so one allocation serves every call), or, without
+    a table, by a stable sort. Both give the same result. A running count then sends the first ``k``
+    to their output slots; a row with fewer than ``k`` distinct entries leaves zeros.
+    """
+    batch, m = values.shape
+    device = values.device
+    column = torch.arange(m, device=device, dtype=torch.int32)
+    if table is not None:
+        flat = (values + torch.arange(batch, device=device)[:, None] * bound).view(-1)
+        columns = column.repeat(batch)
+        table = table[: batch * bound]
+        table.scatter_reduce_(0, flat, columns, reduce="amin")
+        is_first = (table.index_select(0, flat) == columns).view(batch, m)
+        table.index_fill_(0, flat, _EMPTY)
+    else:
+        ordered, order = values.sort(dim=1, stable=True)  # equal values keep their column order
+        first_sorted = torch.ones_like(ordered, dtype=torch.bool)
+        first_sorted[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+        is_first = torch.empty_like(first_sorted).scatter_(1, order, first_sorted)
+    rank = is_first.cumsum(1)
+    slot = torch.where(is_first & (rank <= k), rank - 1, k)  # the rest go to a spare column
+    return values.new_zeros(batch, k + 1).scatter_(1, slot, values)[:, :k]
 
 
 def candidates_needed(k: int, pool: int) -> int | None:
@@ -75,6 +113,7 @@ class NegativeSampler(nn.Module):
         self.largest_pool = 0
         self.mode = "replacement" if replacement else "dense"
         self.num_candidates = 0  # M of the sparse path
+        self._table: Tensor | None = None  # first_distinct's scratch (not state: rebuilt on demand)
         # Training-set indices sorted by class, and where each class starts in that order. Derived
         # from the labels at every setup, so kept out of checkpoints (persistent=False).
         self.register_buffer("order", torch.empty(0, dtype=torch.long), persistent=False)
@@ -123,7 +162,7 @@ class NegativeSampler(nn.Module):
             pos = self._dense(row, pool)
         # Position p in the pool skips the anchor's class block [start, start + count).
         pos = pos + count[:, None] * (pos >= start[:, None])
-        negatives = torch.take(self.order, pos)
+        negatives = self.order.index_select(0, pos.reshape(-1)).view(pos.shape)  # take: 3-5x slower on CPU
         if self.positive == "exact":
             positive = indices
         else:
@@ -148,17 +187,16 @@ class NegativeSampler(nn.Module):
         return keys.topk(self.k, dim=1, largest=False, sorted=False).indices
 
     def _sparse(self, row: Tensor, pool: Tensor) -> Tensor:
-        # M candidates with replacement; the distinct ones get random keys (keyed by the value, so
-        # the choice does not depend on the order of the draws), duplicates get keys above them all.
+        # M keyed candidates with replacement; the first K distinct ones in slot order are a sample
+        # without replacement, i.e. a uniform K-subset (each row's choice depends on its own keys only).
         values = rng.below(self._slots(self.num_candidates, rng.STREAM_NEGATIVES, row), pool[:, None])
-        values = values.sort(dim=1).values
-        repeat = torch.zeros_like(values, dtype=torch.bool)
-        repeat[:, 1:] = values[:, 1:] == values[:, :-1]
-        keys = rng.hash32(row ^ rng.hash32(values ^ rng.STREAM_SELECT)) * self.largest_pool + values
-        position = torch.arange(values.shape[1], device=row.device)
-        keys = torch.where(repeat, _BIG + position, keys)
-        chosen = keys.topk(self.k, dim=1, largest=False, sorted=False).indices
-        return values.gather(1, chosen)
+        size = values.shape[0] * self.largest_pool
+        table = None
+        if size <= FIRST_POSITION_TABLE_LIMIT and self.largest_pool <= FIRST_POSITION_TABLE_MAX_POOL:  # no sort
+            table = self._table
+            if table is None or table.device != values.device or table.numel() < size:  # metadata only
+                table = self._table = torch.full((size,), _EMPTY, dtype=torch.int32, device=values.device)
+        return first_distinct(values, self.k, self.largest_pool, table)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs) -> None:  # noqa: ANN001
