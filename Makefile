@@ -6,7 +6,7 @@ DATA_ROOT ?= $(or $(MCL_DATA_ROOT),../shared/data)
 # OpenMP threads busy-wait by default; on a shared machine that makes small CPU ops 5-20x slower.
 OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: install test test-all train bench bench-gpu benchmark reproduce-gpu clean
+.PHONY: install test test-all train bench bench-gpu benchmark reproduce-gpu proxy-study proxy-report clean
 
 install:
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,14 @@ benchmark: bench
 # The paper's ResNet-32 x 4 MCL-OKD recipe on one GPU, as many epochs as fit in 8 minutes.
 reproduce-gpu:
 	$(PY) -m mcl_lightning.reproduce --minutes 8 data.root=$(DATA_ROOT)
+
+# The CPU proxy study (docs/results.md): 6 variants x 3 seeds of ResNet-8 x 4 on full CIFAR-100, two
+# one-thread runs at a time (about 1.5 hours on 2 cores); relaunching skips finished runs.
+proxy-study:
+	PY=$(PY) DATA_ROOT=$(DATA_ROOT) docs/results/run_proxy_study.sh
+
+proxy-report:
+	$(PY) -m mcl_lightning.report docs/results/proxy --out docs/results/proxy_report
 
 clean:
 	rm -rf outputs multirun lightning_logs .pytest_cache build dist

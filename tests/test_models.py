@@ -28,6 +28,7 @@ PLAIN_PARAMS = {
     "hcgnet_a1": 1_102_651,
     "hcgnet_a2": 3_133_679,
     "resnet18": 11_227_812,
+    "resnet8": 83_892,  # by hand: stem 464 + stages 4,672 + 14,528 + 57,728 + classifier 6,500
     "resnet20": 278_324,
     "resnet32": 472_756,
     "resnet34": 21_335_972,

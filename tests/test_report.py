@@ -74,3 +74,37 @@ def test_report_keeps_other_settings_apart_and_shows_published_numbers(tmp_path)
 def test_report_on_a_folder_without_results_is_a_clear_error(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "mcl_lightning.report", str(tmp_path)], capture_output=True, text=True)
     assert proc.returncode == 2 and "no results.json below" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_report_names_what_tells_rows_apart_and_gives_wall_time_and_machine(tmp_path):
+    """Options of different methods are not listed as settings (the method column says it); options
+    that differ between rows of one method are, and so are non-method settings; wall time and the
+    machine come from each results.json."""
+    cpu = {"cpu": "Some CPU", "torch_threads": 1, "accelerator": "cpu"}
+
+    def fake_run(name: str, method: dict, peers: int, wall: float, seed: int = 0, machine: dict = cpu) -> None:
+        section = {f"peer{peers - 1}": {"top1": 0.5}, "peer_mean": {"top1": 0.5}, "ensemble": {"top1": 0.6}}
+        results = {"method": method["name"], "backbone": "resnet8", "peers": peers, "seed": seed, "epochs_run": 5,
+                   "selection": "test-selected", "final": section, "best": section, "wall_time_s": wall,
+                   "machine": machine, "config": {"seed": seed, "method": method["options"], "peers": peers}}
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(results))
+
+    mcl = {"_target_": "MCLOKD", "alpha": 1.0, "beta": 0.025, "nce_k": 256}
+    fake_run("full0", {"name": "mcl_okd", "options": mcl}, 4, 600.0)
+    fake_run("full1", {"name": "mcl_okd", "options": mcl}, 4, 660.0, seed=1)
+    fake_run("no_teacher", {"name": "mcl_okd", "options": {**mcl, "alpha": 0.0}}, 4, 590.0,
+             machine={"accelerator": "NVIDIA H100 80GB HBM3"})
+    fake_run("dml", {"name": "dml", "options": {"_target_": "DML", "alpha": 1.0, "kd_temperature": 2.0}}, 4, 500.0)
+    fake_run("single", {"name": "independent", "options": {"_target_": "Independent"}}, 1, 120.0)
+    rows, md, csv_path = report(tmp_path)
+    settings = {(r["method"], r["peers"], r["settings"]) for r in rows}
+    assert settings == {("mcl_okd", 4, "method.alpha=1.0"), ("mcl_okd", 4, "method.alpha=0.0"),
+                        ("dml", 4, ""), ("independent", 1, "")}
+    full = next(r for r in rows if r["settings"] == "method.alpha=1.0")
+    mean, std, n = full["wall_time_min"]
+    assert (mean, n) == (pytest.approx(10.5), 2) and std == pytest.approx(math.sqrt(2 * 0.5 ** 2))
+    text = md.read_text()
+    assert "10.5 ± 0.7 (2) [m1]" in text and "[m1] Some CPU, 1 thread" in text
+    assert "9.8 (1) [m2]" in text and "[m2] NVIDIA H100 80GB HBM3" in text
+    assert "10.50,0.71,\"Some CPU, 1 thread\"" in csv_path.read_text()

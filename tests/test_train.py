@@ -164,6 +164,9 @@ def test_train_entry_point_independent_on_real_data(tmp_path, data_root):
     assert results["method"] == "independent" and results["peers"] == 4
     assert results["selection"] == "test-selected" and results["epochs_run"] == 1
     assert results["global_batch_size"] == 64 and results["learning_rate"] == 0.05 and results["seed"] == 0
+    assert 0 < results["wall_time_s"] < 600  # this process, start to results
+    machine = results["machine"]
+    assert machine["accelerator"] == "cpu" and machine["cpu"] and machine["torch_threads"] >= 1 and machine["torch"]
     for part in ("final", "best", "test"):
         assert set(results[part]) == {"peer0", "peer1", "peer2", "peer3", "peer_mean", "ensemble", "best_peer",
                                       "num_images"}

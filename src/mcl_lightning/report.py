@@ -9,7 +9,8 @@ peer (the last one, which ``mcl_lightning.export`` exports by default), the peer
 method's ensemble, at the final epoch and at the best epoch (the epoch of the best checkpoint, which
 is selected on the test set when validation is the test set: marked ``best*``). Settings that vary
 between rows (beyond method, backbone and peers) are listed in the row. Published numbers, where an
-``experiment=`` carried them, stand beside the row as top-1 accuracy.
+``experiment=`` carried them, stand beside the row as top-1 accuracy. Each row also gives the mean
+wall time per run and the machines its runs ran on (results.json ``wall_time_s`` and ``machine``).
 """
 
 from __future__ import annotations
@@ -92,16 +93,13 @@ def summarise_runs(paths: list[Path]) -> list[dict[str, Any]]:
         group = groups.setdefault(key, {"identity": identity, "runs": [], "paths": []})
         group["runs"].append(results)
         group["paths"].append(str(path))
-    # Settings that differ between rows, beyond the three named columns, go into the row's label.
-    all_keys = sorted({k for g in groups.values() for k in g["identity"]} - {"method", "backbone", "peers"})
-    varying = [k for k in all_keys if len({str(g["identity"].get(k)) for g in groups.values()}) > 1]
     rows = []
     for group in groups.values():
         runs = group["runs"]
         first = runs[0]
         row: dict[str, Any] = {
             "method": first["method"], "backbone": first["backbone"], "peers": first["peers"],
-            "settings": " ".join(f"{k}={group['identity'].get(k)}" for k in varying),
+            "settings": " ".join(f"{k}={group['identity'].get(k)}" for k in varying_settings(groups, group)),
             "seeds": sorted(r.get("seed") for r in runs),
             "epochs": sorted({r.get("epochs_run") for r in runs}),
             "test_selected": any(r.get("selection") == "test-selected" for r in runs),
@@ -110,10 +108,36 @@ def summarise_runs(paths: list[Path]) -> list[dict[str, Any]]:
         per_run = [run_values(r) for r in runs]
         for name in per_run[0]:
             row[name] = mean_std(v[name] for v in per_run)
+        row["wall_time_min"] = mean_std(r["wall_time_s"] / 60 if r.get("wall_time_s") is not None else None
+                                        for r in runs)
+        row["machines"] = sorted({describe_machine(r["machine"]) for r in runs if r.get("machine")})
         row["published"] = published(first.get("reference"))
         rows.append(row)
     rows.sort(key=lambda r: (r["backbone"], r["peers"], r["method"], r["settings"]))
     return rows
+
+
+def varying_settings(groups: dict[str, dict[str, Any]], group: dict[str, Any]) -> list[str]:
+    """The settings that tell ``group``'s row apart: keys that differ between rows of the same method,
+    and keys outside ``method.`` that differ between any rows (different methods' options are not
+    listed: the method column already says they differ)."""
+    def differs(keys: set[str], among: list[dict[str, Any]]) -> list[str]:
+        return sorted(k for k in keys if len({str(g["identity"].get(k)) for g in among}) > 1)
+
+    named = {"method", "backbone", "peers"}
+    everyone = list(groups.values())
+    same_method = [g for g in everyone if g["identity"]["method"] == group["identity"]["method"]]
+    keys = {k for g in everyone for k in g["identity"]} - named
+    listed = set(differs(keys, same_method)) | {k for k in differs(keys, everyone) if not k.startswith("method.")}
+    return sorted(listed)
+
+
+def describe_machine(machine: dict[str, Any]) -> str:
+    """"<cpu>, <n> thread(s)" on a CPU; the accelerator's name otherwise."""
+    if machine.get("accelerator", "cpu") != "cpu":
+        return str(machine["accelerator"])
+    threads = machine.get("torch_threads")
+    return f"{machine.get('cpu', '?')}, {threads} thread{'s' if threads != 1 else ''}"
 
 
 def published(reference: dict[str, Any] | None) -> dict[str, float]:
@@ -154,14 +178,25 @@ def columns(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
 
 def to_markdown(rows: list[dict[str, Any]]) -> str:
     cols = columns(rows)
-    header = ["method", "backbone", "peers", "settings", "epochs", *[h for _, h in cols], "published"]
+    header = ["method", "backbone", "peers", "settings", "epochs", *[h for _, h in cols], "wall time (min)",
+              "published"]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    machines: list[str] = []
     for row in rows:
         pub = ", ".join(f"{k} {v:.2f}" for k, v in row["published"].items()) or "-"
+        mean, std, n = row["wall_time_min"]
+        wall = "-" if mean is None else f"{mean:.1f}" + (f" ± {std:.1f}" if std is not None else "") + f" ({n})"
+        marks = []
+        for machine in row["machines"]:
+            if machine not in machines:
+                machines.append(machine)
+            marks.append(f"[m{machines.index(machine) + 1}]")
         cells = [row["method"], row["backbone"], str(row["peers"]), row["settings"] or "-",
-                 ",".join(map(str, row["epochs"])), *[_cell(row[k]) for k, _ in cols], pub]
+                 ",".join(map(str, row["epochs"])), *[_cell(row[k]) for k, _ in cols],
+                 wall + (" " + " ".join(marks) if marks else ""), pub]
         lines.append("| " + " | ".join(cells) + " |")
     notes = ["", "Top-1 accuracy (%), mean ± sample std (n seeds). Deployed peer = the last peer."]
+    notes += [f"[m{i + 1}] {machine}" for i, machine in enumerate(machines)]
     if any(r["test_selected"] for r in rows):
         notes.append("best* = the epoch with the best single-peer top-1 on the validation set, which is the "
                      "test set here (test-selected, as the reference reports); final = the last epoch.")
@@ -175,13 +210,16 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
         header = ["method", "backbone", "peers", "settings", "epochs", "seeds"]
         for key, _ in cols:
             header += [f"{key}/mean", f"{key}/std", f"{key}/n"]
-        writer.writerow(header + ["published", "test_selected"])
+        writer.writerow(header + ["wall_time_min/mean", "wall_time_min/std", "machines", "published", "test_selected"])
         for row in rows:
             cells: list[Any] = [row["method"], row["backbone"], row["peers"], row["settings"],
                                 " ".join(map(str, row["epochs"])), " ".join(map(str, row["seeds"]))]
             for key, _ in cols:
                 mean, std, n = row[key]
                 cells += [_pct(mean), _pct(std), n]
+            wall_mean, wall_std, _ = row["wall_time_min"]
+            cells += ["" if wall_mean is None else f"{wall_mean:.2f}", "" if wall_std is None else f"{wall_std:.2f}",
+                      "; ".join(row["machines"])]
             writer.writerow(cells + [json.dumps(row["published"]), row["test_selected"]])
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import platform
 from pathlib import Path
 from typing import Any
 
@@ -47,11 +49,35 @@ def summarise(history: list[dict[str, float]]) -> dict[str, Any]:
     }
 
 
+def cpu_name() -> str:
+    """The CPU model as the OS names it (Linux: /proc/cpuinfo), else platform's guess."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine(trainer: Any) -> dict[str, Any]:
+    """Where a run ran: enough to read its wall time (CPU model and threads, accelerator, torch)."""
+    import torch
+
+    info: dict[str, Any] = {"cpu": cpu_name(), "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                            "torch": torch.__version__, "accelerator": "cpu"}
+    root = getattr(trainer, "strategy", None) and trainer.strategy.root_device
+    if root is not None and root.type == "cuda":
+        info["accelerator"] = torch.cuda.get_device_name(root)
+    return info
+
+
 def run_results(cfg: Any, system: Any, trainer: Any, datamodule: Any, callbacks: dict[str, Any],
-                error: Exception | None = None) -> dict[str, Any]:
+                error: Exception | None = None, wall_time_s: float | None = None) -> dict[str, Any]:
     """The results.json of a run (``status`` "finished", or "failed" with ``failure`` recorded).
 
     ``callbacks``: the entry point's ``best`` (ModelCheckpoint), ``last`` (LastCheckpoint) and ``guard``.
+    ``wall_time_s``: this process's time from start to results (a resumed run: since the relaunch).
     """
     summary = summarise(system.val_history)
     last_path = Path(callbacks["last"].path)
@@ -69,6 +95,8 @@ def run_results(cfg: Any, system: Any, trainer: Any, datamodule: Any, callbacks:
         "learning_rate": cfg.optim.lr,
         "seed": cfg.seed,
         "selection": datamodule.selection_note,
+        "wall_time_s": None if wall_time_s is None else round(wall_time_s, 1),
+        "machine": machine(trainer),
         "final": summary["final"],
         "best": summary["best"],
         "best_epoch": summary["best_epoch"],

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +89,7 @@ def build(cfg: DictConfig, run_dir: Path, ckpt_path: Path | None) -> tuple[Any, 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train and test once; returns (and writes to the run directory) the results dict."""
+    started = time.monotonic()
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     validation.check_run_dir(run_dir, cfg.ckpt_path)
     validation.check_config(cfg)
@@ -100,10 +102,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     try:
         trainer.fit(system, datamodule=datamodule, ckpt_path=ckpt_path)
     except NonFiniteLossError as error:  # results.json records the failure; the last good checkpoint stays
-        finish(run_dir, run_results(cfg, system, trainer, datamodule, callbacks, error=error), trainer)
+        finish(run_dir, run_results(cfg, system, trainer, datamodule, callbacks, error=error,
+                                   wall_time_s=time.monotonic() - started), trainer)
         raise
     trainer.test(system, datamodule=datamodule, verbose=False)  # the final weights
-    return finish(run_dir, run_results(cfg, system, trainer, datamodule, callbacks), trainer)
+    wall_time_s = time.monotonic() - started
+    return finish(run_dir, run_results(cfg, system, trainer, datamodule, callbacks, wall_time_s=wall_time_s), trainer)
 
 
 @rank_zero_only

@@ -82,6 +82,12 @@ def cifar_resnet(
     return model
 
 
+@register_backbone("resnet8")
+def resnet8(num_classes: int = 100) -> StagedBackbone:
+    """One block per stage: the CPU reproduction proxy's backbone (docs/results.md), not a paper model."""
+    return cifar_resnet(BasicBlock, (1, 1, 1), num_classes)
+
+
 @register_backbone("resnet20")
 def resnet20(num_classes: int = 100) -> StagedBackbone:
     return cifar_resnet(BasicBlock, (3, 3, 3), num_classes)
