@@ -24,6 +24,9 @@ from conftest import find_data_root
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 EXPERIMENTS = sorted(str(p.relative_to(CONF / "experiment").with_suffix("")) for p in (CONF / "experiment").rglob("*.yaml"))
+# The CPU proxy study's recipes (docs/results.md): this library's own, with no published numbers.
+PROXIES = [e for e in EXPERIMENTS if e.startswith("cifar100/proxy_")]
+PUBLISHED = [e for e in EXPERIMENTS if e not in PROXIES]
 STAND_INS = {"method": "independent", "data": "cifar100"}  # used while a named config does not exist yet
 # Former names, kept as aliases when experiments were grouped by dataset.
 ALIASES = {
@@ -91,7 +94,7 @@ def test_experiments_waiting_for_a_config_build_everything_else(experiment):
     assert cfg.backbone.name == chosen(experiment, "backbone")
 
 
-@pytest.mark.parametrize("experiment", EXPERIMENTS)
+@pytest.mark.parametrize("experiment", PUBLISHED)
 def test_every_experiment_names_its_source_and_published_numbers(experiment):
     text = (CONF / "experiment" / f"{experiment}.yaml").read_text()
     cfg = compose_experiment(experiment, stand_ins=True)
@@ -111,7 +114,7 @@ def _recipe(cfg: DictConfig) -> tuple:
     return (cfg.data.batch_size, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.scheduler, cfg.trainer.max_epochs)
 
 
-@pytest.mark.parametrize("experiment", EXPERIMENTS)
+@pytest.mark.parametrize("experiment", PUBLISHED)
 def test_recipes_follow_the_repository_that_produced_the_number(experiment):
     cfg = compose_experiment(experiment, stand_ins=True)
     name = experiment.split("/")[-1]
@@ -162,7 +165,7 @@ def test_every_table_row_has_its_experiment():
     expected |= {f"cifar100/mcl_baseline_{row}" for row in sorted(set(mcl_rows) | set(logit_rows))}
     expected |= {"imagenet/mcl_okd_resnet34", "imagenet/mcl_x2_resnet18", "imagenet/mcl_x4_resnet18",
                  "imagenet/mcl_x2_resnet34", "imagenet/mcl_x4_resnet34", "imagenet/mcl_x4_logit_kd_resnet18"}
-    assert set(EXPERIMENTS) == expected | set(ALIASES)
+    assert set(PUBLISHED) == expected | set(ALIASES)
 
 
 def test_the_papers_resnet110_is_the_bottleneck_network_everywhere():
@@ -170,3 +173,27 @@ def test_the_papers_resnet110_is_the_bottleneck_network_everywhere():
         cfg = compose_experiment(experiment, stand_ins=True)
         assert cfg.backbone.name == "resnet110_bottleneck", experiment
         assert count_parameters(instantiate(cfg.model).export_peer(0)) == 1_170_868
+
+
+PROXY_VARIANTS = {  # name -> (method, peers, alpha, beta)
+    "proxy_independent": ("independent", 4, None, None), "proxy_single": ("independent", 1, None, None),
+    "proxy_dml": ("dml", 4, 1.0, None), "proxy_mcl_okd": ("mcl_okd", 4, 1.0, 0.025),
+    "proxy_mcl_okd_no_teacher": ("mcl_okd", 4, 0.0, 0.025), "proxy_mcl_okd_no_contrast": ("mcl_okd", 4, 1.0, 0.0),
+}
+
+
+def test_the_proxy_study_has_every_variant_of_docs_results_on_one_recipe():
+    """docs/results.md's variants; run_proxy_study.sh runs exactly these; one recipe for all of them."""
+    assert sorted(PROXIES) == sorted(f"cifar100/{name}" for name in PROXY_VARIANTS)
+    script = (CONF.parent / "docs" / "results" / "run_proxy_study.sh").read_text()
+    listed = script.split('VARIANTS="${VARIANTS:-', 1)[1].split("}", 1)[0].split()
+    assert sorted(listed) == sorted(PROXY_VARIANTS)
+    for name, (method, peers, alpha, beta) in PROXY_VARIANTS.items():
+        cfg = compose_experiment(f"cifar100/{name}")
+        assert chosen(f"cifar100/{name}", "method") == method and cfg.peers == peers and cfg.backbone.name == "resnet8"
+        assert _recipe(cfg) == (128, 0.1, 5e-4, "cosine", 5) and cfg.reference is None
+        assert cfg.data.dataset == "cifar100" and cfg.data.val_split == 0 and cfg.topology is None
+        if alpha is not None:
+            assert cfg.method.alpha == alpha
+        if beta is not None:
+            assert (cfg.method.beta, cfg.method.nce_k, cfg.method.tau) == (beta, 256, 0.1)
