@@ -347,3 +347,4 @@ def test_reproduce_command_plans_and_runs_with_tiny_limits(tmp_path, data_root):
     assert results["method"] == "mcl_okd" and results["backbone"] == "resnet32" and results["peers"] == 4
     assert results["config"]["method"]["nce_k"] == 256 and results["reference"]["top1_error"]["peer"] == 24.52
     assert "trainer.max_epochs=1" in record["command"] and set(record["test_top1"]) == {"peer3", "peer_mean", "ensemble"}
+    assert results["config"]["data"]["device_resident"] and results["config"]["perf"]["channels_last"]  # the fast path

@@ -1,0 +1,58 @@
+"""Per-epoch means over seeds for the proxy study (docs/results.md), from each run's metrics.csv.
+
+    python docs/results/per_epoch.py docs/results/proxy
+
+Prints two markdown tables: the deployed (last) peer's and the ensemble's test top-1 (%) after
+each epoch, and the weighted loss terms of the last epoch (train/loss/*, epoch means).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+import sys
+from pathlib import Path
+
+
+def epoch_rows(metrics: Path) -> dict[int, dict[str, float]]:
+    """{epoch: {metric: value}} from a Lightning CSVLogger file (rows merged per epoch)."""
+    merged: dict[int, dict[str, float]] = {}
+    for row in csv.DictReader(metrics.open()):
+        if row.get("epoch"):
+            merged.setdefault(int(row["epoch"]), {}).update({k: float(v) for k, v in row.items() if v and k != "epoch"})
+    return merged
+
+
+def main(root: Path) -> None:
+    variants = sorted(p for p in root.iterdir() if p.is_dir())
+    curves, losses = {}, {}
+    for variant in variants:
+        runs = sorted(variant.glob("seed*/metrics.csv"))
+        if not runs:
+            continue
+        peers = json.loads((runs[0].parent / "results.json").read_text())["peers"]
+        per_run = [epoch_rows(m) for m in runs]
+        epochs = sorted({e for r in per_run for e in r if f"val/peer{peers - 1}/top1" in r[e]})
+        curves[variant.name] = (len(runs), [
+            (statistics.mean(100 * r[e][f"val/peer{peers - 1}/top1"] for r in per_run),
+             statistics.mean(100 * r[e]["val/ensemble/top1"] for r in per_run)) for e in epochs])
+        last = [r[epochs[-1]] for r in per_run]
+        losses[variant.name] = {k.removeprefix("train/loss/"): statistics.mean(r[k] for r in last)
+                                for k in sorted(last[0]) if k.startswith("train/loss/")}
+    width = max(len(c[1]) for c in curves.values())
+    print("| variant (n) | " + " | ".join(f"epoch {e + 1}" for e in range(width)) + " |")
+    print("|" + " --- |" * (width + 1))
+    for name, (n, values) in curves.items():
+        print(f"| {name} ({n}) | " + " | ".join(f"{d:.2f} / {e:.2f}" for d, e in values) + " |")
+    print("\nDeployed peer / ensemble, test top-1 (%), mean over seeds.\n")
+    terms = sorted({t for v in losses.values() for t in v})
+    print("| variant | " + " | ".join(terms) + " |")
+    print("|" + " --- |" * (len(terms) + 1))
+    for name, values in losses.items():
+        print(f"| {name} | " + " | ".join(f"{values[t]:.3f}" if t in values else "-" for t in terms) + " |")
+    print("\nWeighted loss terms, mean over the last epoch's steps and over seeds.")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1] if len(sys.argv) > 1 else "docs/results/proxy"))
