@@ -3,7 +3,8 @@
     python docs/results/per_epoch.py docs/results/proxy
 
 Prints two markdown tables: the deployed (last) peer's and the ensemble's test top-1 (%) after
-each epoch, and the weighted loss terms of the last epoch (train/loss/*, epoch means).
+each epoch, and the weighted loss terms of the last epoch (train/loss/*, epoch means) with the
+deployed peer's training top-1 in that epoch.
 """
 
 from __future__ import annotations
@@ -40,18 +41,21 @@ def main(root: Path) -> None:
         last = [r[epochs[-1]] for r in per_run]
         losses[variant.name] = {k.removeprefix("train/loss/"): statistics.mean(r[k] for r in last)
                                 for k in sorted(last[0]) if k.startswith("train/loss/")}
+        # Training top-1 of the deployed peer (augmented batches, epoch mean): is the proxy still underfitting?
+        losses[variant.name]["train top-1 (%)"] = statistics.mean(100 * r[f"train/peer{peers - 1}/top1"] for r in last)
     width = max(len(c[1]) for c in curves.values())
     print("| variant (n) | " + " | ".join(f"epoch {e + 1}" for e in range(width)) + " |")
     print("|" + " --- |" * (width + 1))
     for name, (n, values) in curves.items():
         print(f"| {name} ({n}) | " + " | ".join(f"{d:.2f} / {e:.2f}" for d, e in values) + " |")
     print("\nDeployed peer / ensemble, test top-1 (%), mean over seeds.\n")
-    terms = sorted({t for v in losses.values() for t in v})
+    terms = sorted({t for v in losses.values() for t in v}, key=lambda t: (t.startswith("train"), t))
     print("| variant | " + " | ".join(terms) + " |")
     print("|" + " --- |" * (len(terms) + 1))
     for name, values in losses.items():
         print(f"| {name} | " + " | ".join(f"{values[t]:.3f}" if t in values else "-" for t in terms) + " |")
-    print("\nWeighted loss terms, mean over the last epoch's steps and over seeds.")
+    print("\nLast epoch, mean over its steps and over seeds: the weighted loss terms (summed over peers) and the\n"
+          "deployed peer's top-1 on its augmented training batches.")
 
 
 if __name__ == "__main__":
