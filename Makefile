@@ -38,8 +38,8 @@ benchmark: bench
 reproduce-gpu:
 	$(PY) -m mcl_lightning.reproduce --minutes 8 data.root=$(DATA_ROOT)
 
-# The CPU proxy study (docs/results.md): 6 variants x 3 seeds of ResNet-8 x 4 on full CIFAR-100, two
-# one-thread runs at a time (about 1.5 hours on 2 cores); relaunching skips finished runs.
+# The CPU proxy study (docs/results.md): 7 variants x 3 seeds of ResNet-8 x 4 on full CIFAR-100, two
+# one-thread runs at a time (about 2 hours on 2 cores); relaunching skips finished runs.
 proxy-study:
 	PY=$(PY) DATA_ROOT=$(DATA_ROOT) docs/results/run_proxy_study.sh
 

@@ -177,6 +177,7 @@ def test_the_papers_resnet110_is_the_bottleneck_network_everywhere():
 
 PROXY_VARIANTS = {  # name -> (method, peers, alpha, beta)
     "proxy_independent": ("independent", 4, None, None), "proxy_single": ("independent", 1, None, None),
+    "proxy_shared_trunk": ("independent", 4, None, None),
     "proxy_dml": ("dml", 4, 1.0, None), "proxy_mcl_okd": ("mcl_okd", 4, 1.0, 0.025),
     "proxy_mcl_okd_no_teacher": ("mcl_okd", 4, 0.0, 0.025), "proxy_mcl_okd_no_contrast": ("mcl_okd", 4, 1.0, 0.0),
 }
@@ -192,7 +193,8 @@ def test_the_proxy_study_has_every_variant_of_docs_results_on_one_recipe():
         cfg = compose_experiment(f"cifar100/{name}")
         assert chosen(f"cifar100/{name}", "method") == method and cfg.peers == peers and cfg.backbone.name == "resnet8"
         assert _recipe(cfg) == (128, 0.1, 5e-4, "cosine", 5) and cfg.reference is None
-        assert cfg.data.dataset == "cifar100" and cfg.data.val_split == 0 and cfg.topology is None
+        assert cfg.data.dataset == "cifar100" and cfg.data.val_split == 0
+        assert cfg.topology == ("shared_trunk" if name == "proxy_shared_trunk" else None)  # else the method's own
         if alpha is not None:
             assert cfg.method.alpha == alpha
         if beta is not None:

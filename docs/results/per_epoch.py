@@ -2,8 +2,8 @@
 
     python docs/results/per_epoch.py docs/results/proxy
 
-Prints two markdown tables: the deployed (last) peer's and the ensemble's test top-1 (%) after
-each epoch, and the weighted loss terms of the last epoch (train/loss/*, epoch means) with the
+Prints two markdown tables: the deployed (last) peer's and the ensemble's validation top-1 (%) after
+each validated epoch (the test set, unless the run held out part of the training set), and the weighted loss terms of the last epoch (train/loss/*, epoch means) with the
 deployed peer's training top-1 in that epoch.
 """
 
@@ -35,20 +35,21 @@ def main(root: Path) -> None:
         peers = json.loads((runs[0].parent / "results.json").read_text())["peers"]
         per_run = [epoch_rows(m) for m in runs]
         epochs = sorted({e for r in per_run for e in r if f"val/peer{peers - 1}/top1" in r[e]})
-        curves[variant.name] = (len(runs), [
-            (statistics.mean(100 * r[e][f"val/peer{peers - 1}/top1"] for r in per_run),
-             statistics.mean(100 * r[e]["val/ensemble/top1"] for r in per_run)) for e in epochs])
+        curves[variant.name] = (len(runs), {
+            e: (statistics.mean(100 * r[e][f"val/peer{peers - 1}/top1"] for r in per_run),
+                statistics.mean(100 * r[e]["val/ensemble/top1"] for r in per_run)) for e in epochs})
         last = [r[epochs[-1]] for r in per_run]
         losses[variant.name] = {k.removeprefix("train/loss/"): statistics.mean(r[k] for r in last)
                                 for k in sorted(last[0]) if k.startswith("train/loss/")}
         # Training top-1 of the deployed peer (augmented batches, epoch mean): is the proxy still underfitting?
         losses[variant.name]["train top-1 (%)"] = statistics.mean(100 * r[f"train/peer{peers - 1}/top1"] for r in last)
-    width = max(len(c[1]) for c in curves.values())
-    print("| variant (n) | " + " | ".join(f"epoch {e + 1}" for e in range(width)) + " |")
-    print("|" + " --- |" * (width + 1))
+    validated = sorted({e for _, values in curves.values() for e in values})
+    print("| variant (n) | " + " | ".join(f"epoch {e + 1}" for e in validated) + " |")
+    print("|" + " --- |" * (len(validated) + 1))
     for name, (n, values) in curves.items():
-        print(f"| {name} ({n}) | " + " | ".join(f"{d:.2f} / {e:.2f}" for d, e in values) + " |")
-    print("\nDeployed peer / ensemble, test top-1 (%), mean over seeds.\n")
+        cells = [f"{values[e][0]:.2f} / {values[e][1]:.2f}" if e in values else "-" for e in validated]
+        print(f"| {name} ({n}) | " + " | ".join(cells) + " |")
+    print("\nDeployed peer / ensemble, validation top-1 (%) after each validated epoch, mean over seeds.\n")
     terms = sorted({t for v in losses.values() for t in v}, key=lambda t: (t.startswith("train"), t))
     print("| variant | " + " | ".join(terms) + " |")
     print("|" + " --- |" * (len(terms) + 1))

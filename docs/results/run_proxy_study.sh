@@ -13,7 +13,7 @@ export DATA_ROOT="${DATA_ROOT:-${MCL_DATA_ROOT:-../shared/data}}"
 export OUT="${OUT:-outputs/proxy}" DEST="${DEST:-docs/results/proxy}" OVERRIDES="${OVERRIDES:-}"
 LANES="${LANES:-2}"
 SEEDS="${SEEDS:-0 1 2}"
-VARIANTS="${VARIANTS:-proxy_mcl_okd proxy_dml proxy_independent proxy_mcl_okd_no_teacher proxy_mcl_okd_no_contrast proxy_single}"
+VARIANTS="${VARIANTS:-proxy_mcl_okd proxy_dml proxy_independent proxy_mcl_okd_no_teacher proxy_mcl_okd_no_contrast proxy_single proxy_shared_trunk}"
 
 run_one() {
   local variant=$1 seed=$2 run_dir="$OUT/$1/seed$2" dest="$DEST/$1/seed$2"
