@@ -78,15 +78,18 @@ def test_report_on_a_folder_without_results_is_a_clear_error(tmp_path):
 
 def test_report_names_what_tells_rows_apart_and_gives_wall_time_and_machine(tmp_path):
     """Options of different methods are not listed as settings (the method column says it); options
-    that differ between rows of one method are, and so are non-method settings; wall time and the
-    machine come from each results.json."""
+    that differ between rows of one method are, and so are non-method settings, with the topology the
+    run used (not the config's null) and without copies of the named columns (model.peers); wall time
+    and the machine come from each results.json."""
     cpu = {"cpu": "Some CPU", "torch_threads": 1, "accelerator": "cpu"}
 
     def fake_run(name: str, method: dict, peers: int, wall: float, seed: int = 0, machine: dict = cpu) -> None:
         section = {f"peer{peers - 1}": {"top1": 0.5}, "peer_mean": {"top1": 0.5}, "ensemble": {"top1": 0.6}}
         results = {"method": method["name"], "backbone": "resnet8", "peers": peers, "seed": seed, "epochs_run": 5,
+                   "topology": "independent" if method["name"] == "independent" else "shared_trunk",
                    "selection": "test-selected", "final": section, "best": section, "wall_time_s": wall,
-                   "machine": machine, "config": {"seed": seed, "method": method["options"], "peers": peers}}
+                   "machine": machine, "config": {"seed": seed, "method": method["options"], "peers": peers,
+                                                  "model": {"peers": peers, "topology": None}, "topology": None}}
         (tmp_path / name).mkdir()
         (tmp_path / name / "results.json").write_text(json.dumps(results))
 
@@ -99,9 +102,10 @@ def test_report_names_what_tells_rows_apart_and_gives_wall_time_and_machine(tmp_
     fake_run("single", {"name": "independent", "options": {"_target_": "Independent"}}, 1, 120.0)
     rows, md, csv_path = report(tmp_path)
     settings = {(r["method"], r["peers"], r["settings"]) for r in rows}
-    assert settings == {("mcl_okd", 4, "method.alpha=1.0"), ("mcl_okd", 4, "method.alpha=0.0"),
-                        ("dml", 4, ""), ("independent", 1, "")}
-    full = next(r for r in rows if r["settings"] == "method.alpha=1.0")
+    assert settings == {("mcl_okd", 4, "method.alpha=1.0 topology=shared_trunk"),
+                        ("mcl_okd", 4, "method.alpha=0.0 topology=shared_trunk"),
+                        ("dml", 4, "topology=shared_trunk"), ("independent", 1, "topology=independent")}
+    full = next(r for r in rows if r["settings"].startswith("method.alpha=1.0"))
     mean, std, n = full["wall_time_min"]
     assert (mean, n) == (pytest.approx(10.5), 2) and std == pytest.approx(math.sqrt(2 * 0.5 ** 2))
     text = md.read_text()

@@ -28,6 +28,8 @@ from mcl_lightning.errors import UserError
 # Config keys that say where or how often, not what was trained: never part of a row's identity.
 IGNORED_KEYS = ("seed", "ckpt_path", "data.root", "data.num_workers", "data.download", "trainer.enable_progress_bar",
                 "trainer.logger", "trainer.callbacks", "trainer.log_every_n_steps", "reference")
+# Interpolated copies of the named columns: listing them as settings would repeat those columns.
+DERIVED_KEYS = ("model.peers", "model.backbone", "backbone.name", "model.topology")
 GROUPS = (("deployed", "deployed peer"), ("peer_mean", "peer mean"), ("ensemble", "ensemble"))
 WHEN = (("final", "final"), ("best", "best"))
 
@@ -89,6 +91,10 @@ def summarise_runs(paths: list[Path]) -> list[dict[str, Any]]:
         results = json.loads(path.read_text())
         identity = _identity(results.get("config") or {})
         identity.update(method=results["method"], backbone=results["backbone"], peers=results["peers"])
+        for derived in DERIVED_KEYS:  # copies of the columns above (``${peers}`` etc.), or the method's default
+            identity.pop(derived, None)
+        if results.get("topology"):
+            identity["topology"] = results["topology"]  # the one the run used (config null = the method's own)
         key = json.dumps(identity, sort_keys=True, default=str)
         group = groups.setdefault(key, {"identity": identity, "runs": [], "paths": []})
         group["runs"].append(results)
