@@ -9,19 +9,20 @@ deployed peer's training top-1 in that epoch.
 
 from __future__ import annotations
 
-import csv
 import json
 import statistics
 import sys
 from pathlib import Path
 
+from mcl_lightning.curves import read_epoch_series
+
 
 def epoch_rows(metrics: Path) -> dict[int, dict[str, float]]:
-    """{epoch: {metric: value}} from a Lightning CSVLogger file (rows merged per epoch)."""
+    """{epoch: {metric: value}}: the training log read by mcl_lightning.curves, turned per epoch."""
     merged: dict[int, dict[str, float]] = {}
-    for row in csv.DictReader(metrics.open()):
-        if row.get("epoch"):
-            merged.setdefault(int(row["epoch"]), {}).update({k: float(v) for k, v in row.items() if v and k != "epoch"})
+    for key, by_epoch in read_epoch_series(metrics).items():
+        for epoch, value in by_epoch.items():
+            merged.setdefault(epoch, {})[key] = value
     return merged
 
 
