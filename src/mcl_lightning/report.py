@@ -27,7 +27,7 @@ from mcl_lightning.errors import UserError
 
 # Config keys that say where or how often, not what was trained: never part of a row's identity.
 IGNORED_KEYS = ("seed", "ckpt_path", "data.root", "data.num_workers", "data.download", "trainer.enable_progress_bar",
-                "trainer.logger", "trainer.callbacks", "trainer.log_every_n_steps", "reference")
+                "trainer.logger", "trainer.callbacks", "trainer.log_every_n_steps", "reference", "logger")
 # Interpolated copies of the named columns: listing them as settings would repeat those columns.
 DERIVED_KEYS = ("model.peers", "model.backbone", "backbone.name", "model.topology")
 GROUPS = (("deployed", "deployed peer"), ("peer_mean", "peer mean"), ("ensemble", "ensemble"))

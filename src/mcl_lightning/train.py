@@ -22,7 +22,6 @@ from hydra.errors import (ConfigCompositionException, InstantiationException, Mi
 from hydra.utils import instantiate
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
@@ -38,6 +37,7 @@ from mcl_lightning.progress import LossTermsProgressBar
 from mcl_lightning.results import format_table, run_results, write_results
 from mcl_lightning.spec import method_spec
 from mcl_lightning.system import MONITOR, OKDSystem
+from mcl_lightning.tracking import build_loggers, finish_trackers, log_config
 
 log = logging.getLogger("mcl_lightning")
 
@@ -69,20 +69,20 @@ def build(cfg: DictConfig, run_dir: Path, ckpt_path: Path | None) -> tuple[Any, 
     # A resumed run keeps writing to the checkpoint's own folder: ModelCheckpoint restores its best
     # score only there, and "best" stays the best of the whole run.
     checkpoint_dir = ckpt_path.resolve().parent if ckpt_path else run_dir / "checkpoints"
+    loggers = build_loggers(cfg.get("logger"))  # logger= (conf/logger/): default CSV + TensorBoard
     callbacks = {
         "guard": NonFiniteLossGuard(),  # runs before the checkpoint callbacks: a bad step is never saved
-        "lr": LearningRateMonitor(logging_interval="epoch"),
+        **({"lr": LearningRateMonitor(logging_interval="epoch")} if loggers else {}),  # it needs a logger
         "best": ModelCheckpoint(dirpath=checkpoint_dir, filename="best-epoch{epoch:03d}", auto_insert_metric_name=False,
                                 monitor=MONITOR, mode="max", enable_version_counter=False),
         "last": LastCheckpoint(checkpoint_dir, cfg.checkpoint.every_n_steps),  # after "best": its state included
     }
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks["progress"] = LossTermsProgressBar()
-    loggers = [
-        CSVLogger(run_dir, name="csv", version=""),
-        TensorBoardLogger(run_dir, name="tensorboard", version="", default_hp_metric=False),
-    ]
-    trainer = instantiate(cfg.trainer, callbacks=list(callbacks.values()), logger=loggers, plugins=[AtomicCheckpointIO()])
+    trainer = instantiate(cfg.trainer, callbacks=list(callbacks.values()), logger=loggers or False,
+                          plugins=[AtomicCheckpointIO()])
+    if trainer.is_global_zero:
+        log_config(loggers, OmegaConf.to_container(cfg, resolve=True))
     validation.check_batch_divides(datamodule.batch_size, trainer.world_size)  # before DDP starts its processes
     return datamodule, system, trainer, callbacks
 
@@ -118,16 +118,20 @@ def announce(cfg: DictConfig, run_dir: Path, ckpt_path: Path | None) -> None:
 
 
 def finish(run_dir: Path, results: dict[str, Any], trainer: L.Trainer) -> dict[str, Any]:
-    """results.json, the table and curves.png (rank zero)."""
+    """results.json, the table and curves.png (rank zero), both also saved with the trackers' runs."""
     if trainer.is_global_zero:
         path = write_results(run_dir / "results.json", results)
         print(format_table(results))
-        try:
-            from mcl_lightning.curves import plot_run
+        curves = None
+        if (run_dir / "csv" / "metrics.csv").is_file():  # logger= without the CSV logger: no curves
+            try:
+                from mcl_lightning.curves import plot_run
 
-            print(f"curves: {plot_run(run_dir)}")
-        except Exception as error:  # a plot must not cost the run's results
-            log.warning("curves.png not written: %s: %s", type(error).__name__, error)
+                curves = plot_run(run_dir)
+                print(f"curves: {curves}")
+            except Exception as error:  # a plot must not cost the run's results
+                log.warning("curves.png not written: %s: %s", type(error).__name__, error)
+        finish_trackers(trainer.loggers, run_dir, [path] + ([curves] if curves else []))
         print(f"results: {path}")
     return results
 

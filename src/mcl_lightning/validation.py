@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mcl_lightning.checkpointing import newest_checkpoint, resolve_ckpt_path
 from mcl_lightning.errors import ConfigError
+from mcl_lightning.tracking import check_loggers
 
 
 # -- the config ---------------------------------------------------------------------------------
@@ -50,6 +51,7 @@ def check_config(cfg: DictConfig) -> None:
     world = configured_world_size(cfg.trainer)
     if world:
         check_batch_divides(int(cfg.data.batch_size), world)
+    check_loggers(cfg.get("logger"))
 
 
 def configured_world_size(trainer: DictConfig) -> int | None:
