@@ -3,7 +3,8 @@
     python -m mcl_lightning.export <run dir>/checkpoints/best-epoch123.ckpt --peer 3 --out resnet32.pt
     python -m mcl_lightning.export <checkpoint> --program resnet32.pt2   # a torch.export program
 
-writes the peer's ``state_dict`` (loadable into ``create_backbone(name, num_classes)``) and/or a
+writes the peer's ``state_dict`` (loadable into ``create_backbone(name, num_classes)``, or for a
+``timm:``/``torchvision:`` peer into the library's own network, which export gives back) and/or a
 ``torch.export`` program of it (``torch.export.load(path).module()(images)``: no mcl_lightning needed,
 any batch size), and prints what it is. From Python: ``export_peer(path, peer=3)`` returns the
 ``nn.Module``, ``export_program(path, peer=3)`` the ``ExportedProgram``.
@@ -54,6 +55,13 @@ def export_program(checkpoint_path: str | Path, peer: int = -1) -> torch.export.
     return program_of(export_peer(checkpoint_path, peer))
 
 
+def constructor(name: str, num_classes: int) -> str:
+    """The call that builds an empty network of the exported peer's kind."""
+    library, _, model = name.rpartition(":")
+    calls = {"timm": "timm.create_model", "torchvision": "torchvision.models.get_model", "": "create_backbone"}
+    return f"{calls[library]}({model!r}, num_classes={num_classes})"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", type=Path)
@@ -71,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.out is not None:
         torch.save(network.state_dict(), args.out)
         print(f"{about} -> {args.out}")
-        print(f"load with: create_backbone({name!r}, num_classes={spec['num_classes']}).load_state_dict(torch.load(...))")
+        print(f"load with: {constructor(name, spec['num_classes'])}.load_state_dict(torch.load(...))")
     if args.program is not None:
         torch.export.save(program_of(network), args.program)
         print(f"{about} -> {args.program}")

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from mcl_lightning.errors import ConfigError
+from mcl_lightning.models.library import is_library_name
 from mcl_lightning.models.registry import StagedBackbone, create_backbone, feature_dim_of
 from mcl_lightning.registry import check_choice
 
@@ -205,6 +206,7 @@ class PeerNetwork(nn.Module):
         num_classes: int = 100,
         branch_point: int | None = None,
         layout: PeerLayout | dict | None = None,
+        pretrained: str | None = None,
     ) -> "PeerNetwork":
         """N peers of the registered backbone ``backbone``, or one peer per name in a list.
 
@@ -216,6 +218,7 @@ class PeerNetwork(nn.Module):
             branch_point: leading stages (stem = stage 0) the peers share; ``None`` = the
                 backbone's reference branch point plus ``layout.branch_offset``.
             layout: how the method's reference shares layers (default: ``PeerLayout()``).
+            pretrained: a local weights file for ``timm:``/``torchvision:`` peers (``models/library.py``).
         """
         layout = PeerLayout(**layout) if isinstance(layout, dict) else (layout or PeerLayout())
         names = [backbone] if isinstance(backbone, str) else [str(name) for name in backbone]
@@ -228,13 +231,21 @@ class PeerNetwork(nn.Module):
             raise ConfigError(f"peers must be >= 1, got {num_peers} (e.g. peers=4)")
         names = names * num_peers if len(names) == 1 else names
         heterogeneous = len(set(names)) > 1
-        topology = topology or ("independent" if heterogeneous else layout.topology)
+        library = [name for name in names if is_library_name(name)]
+        if library and (topology == "shared_trunk" or branch_point not in (None, 0)):
+            raise ConfigError(f"{library[0]} trains as independent peers only (a timm or torchvision network is "
+                              "not split into stages to share); leave topology= and backbone.branch_point= unset")
+        if pretrained is not None and len(library) != len(names):
+            raise ConfigError("backbone.pretrained loads weights into timm: or torchvision: networks only; "
+                              "leave it unset for the registry backbones")
+        topology = topology or ("independent" if heterogeneous or library else layout.topology)
         check_choice("topology", topology, TOPOLOGIES)
         if heterogeneous and topology != "independent":
             raise ConfigError(
                 f"peers of different backbones ({', '.join(names)}) cannot share a trunk; set topology=independent"
             )
-        nets = [create_backbone(name, num_classes=num_classes) for name in names]
+        weights = {"pretrained": pretrained} if pretrained is not None else {}
+        nets = [create_backbone(name, num_classes=num_classes, **weights) for name in names]
         point, pairs = cls._resolve_branch_point(names[0], nets[0], topology, branch_point, layout)
         groups = group_of = None
         if pairs:  # CL-ILR: stage `point` shared by peers (0, 1), (2, 3), ...
@@ -375,7 +386,7 @@ class PeerNetwork(nn.Module):
             target.load_state_dict(source.state_dict())
         net.pool.load_state_dict(branch[-1].state_dict())
         net.classifier.load_state_dict(head.state_dict())
-        return net.to(next(self.parameters()).device)
+        return net.deployable().to(next(self.parameters()).device)
 
 
 def build_peers(
@@ -385,15 +396,19 @@ def build_peers(
     num_classes: int = 100,
     branch_point: int | None = None,
     layout: PeerLayout | dict | None = None,
+    library: str | None = None,
+    pretrained: str | None = None,
 ) -> PeerNetwork:
     """The entry point's builder: ``peers`` is N (N copies of ``backbone``) or a list of backbone
-    names (heterogeneous peers, one per name; ``backbone`` is then unused)."""
+    names (heterogeneous peers, one per name; ``backbone`` is then unused). ``library``: ``timm`` or
+    ``torchvision`` (``backbone=timm backbone.name=<model>``), ``pretrained`` a local weights file."""
     if isinstance(peers, int):
-        return PeerNetwork.from_backbone(backbone, peers, topology, num_classes, branch_point, layout)
+        name = f"{library}:{backbone}" if library else backbone
+        return PeerNetwork.from_backbone(name, peers, topology, num_classes, branch_point, layout, pretrained)
     names = [str(name) for name in peers]
     if not names:
         raise ConfigError("peers=[] names no backbone; give N (peers=4) or backbone names (peers=[resnet32,wrn_16_2])")
-    return PeerNetwork.from_backbone(names, len(names), topology, num_classes, branch_point, layout)
+    return PeerNetwork.from_backbone(names, len(names), topology, num_classes, branch_point, layout, pretrained)
 
 
 @torch.no_grad()

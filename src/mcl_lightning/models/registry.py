@@ -56,6 +56,10 @@ class StagedBackbone(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(self.forward_features(x))
 
+    def deployable(self) -> nn.Module:
+        """The network to deploy (itself; a timm / torchvision backbone gives back the library's module)."""
+        return self
+
 
 BackboneFactory = Callable[..., StagedBackbone]
 BACKBONES: Registry[BackboneFactory] = Registry("backbone", example="backbone=resnet32")
@@ -72,7 +76,12 @@ def list_backbones() -> list[str]:
 
 
 def create_backbone(name: str, num_classes: int = 100, **kwargs) -> StagedBackbone:
-    """Build the backbone registered as ``name``."""
+    """Build the backbone registered as ``name``, or a library network named ``timm:<model>`` /
+    ``torchvision:<model>`` (``models/library.py``; ``pretrained=PATH`` for those)."""
+    if ":" in name:
+        from mcl_lightning.models.library import create_library_backbone
+
+        return create_library_backbone(name, num_classes=num_classes, **kwargs)
     return BACKBONES.get(name)(num_classes=num_classes, **kwargs)
 
 
