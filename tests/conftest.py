@@ -62,3 +62,19 @@ def finished_run(data_root, tmp_path_factory) -> Path:
     proc = run_cli("mcl_lightning.train", *FINISHED_RUN, f"data.root={data_root}", f"hydra.run.dir={run_dir}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run_dir
+
+
+def readme_commands(tag: str) -> list[tuple[str, list[str]]]:
+    """The ``python -m <module> args`` lines of the README's bash block marked ``<!-- test: tag -->``,
+    as (module, args): continuation lines joined, comments dropped."""
+    import re
+    import shlex
+
+    text = (REPO_ROOT / "README.md").read_text()
+    (block,) = re.findall(rf"<!-- test: {re.escape(tag)} -->\s*```bash\n(.*?)```", text, flags=re.S)
+    commands = []
+    for line in block.replace("\\\n", " ").splitlines():
+        words = shlex.split(line, comments=True)
+        assert words[:2] == ["python", "-m"], line
+        commands.append((words[2], words[3:]))
+    return commands

@@ -10,28 +10,30 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import run_cli
+from conftest import readme_commands, run_cli
 from mcl_lightning.errors import ConfigError
 from mcl_lightning.export import export_peer, load_peers
 from mcl_lightning.models import PeerNetwork, build_peers
 
-TINY = ["peers=2", "data.batch_size=16", "data.eval_batch_size=16", "trainer.max_epochs=1",
+TINY = ["data.batch_size=16", "data.eval_batch_size=16", "trainer.max_epochs=1",
         "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1",
         "trainer.enable_progress_bar=false"]
 SMALL_MCL_OKD = ["method.nce_k=32", "method.projection_dim=16"]
 
 
 def imagenette(data_root: Path) -> list[str]:
-    return ["data=imagenet", f"data.root={data_root / 'imagenette-mini'}", "data.num_workers=0"]
+    return [f"data.root={data_root / 'imagenette-mini'}", "data.num_workers=0"]
 
 
-def train_and_export(tmp_path: Path, *overrides: str) -> tuple[dict, nn.Module, PeerNetwork, int]:
+def train_and_export(tmp_path: Path, line: int, *overrides: str) -> tuple[dict, nn.Module, PeerNetwork, Path]:
+    """The README's command ``line`` of its timm/torchvision block, with tiny settings."""
+    module, args = readme_commands("library-backbones")[line]
     run_dir = tmp_path / "run"
-    proc = run_cli("mcl_lightning.train", *TINY, *overrides, f"hydra.run.dir={run_dir}")
+    proc = run_cli(module, *args, *TINY, *overrides, f"hydra.run.dir={run_dir}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((run_dir / "results.json").read_text())
     checkpoint = run_dir / "checkpoints" / "last.ckpt"
-    return results, export_peer(checkpoint), load_peers(checkpoint), results["config"]["data"]["num_classes"]
+    return results, export_peer(checkpoint), load_peers(checkpoint), checkpoint
 
 
 def exported_equals_trained(exported: nn.Module, peers: PeerNetwork, size: int) -> None:
@@ -42,33 +44,37 @@ def exported_equals_trained(exported: nn.Module, peers: PeerNetwork, size: int) 
 
 def test_timm_peers_train_on_cifar100_and_export_the_timm_module(tmp_path, data_root):
     timm = pytest.importorskip("timm", reason='backbone=timm needs pip install "mcl-lightning[timm]"')
-    results, exported, peers, classes = train_and_export(
-        tmp_path, "backbone=timm", "backbone.name=mobilenetv3_small_050", "method=dml", f"data.root={data_root}")
+    results, exported, peers, _ = train_and_export(tmp_path, 0, "peers=2", f"data.root={data_root}")
     assert results["backbone"] == "timm:mobilenetv3_small_050" and results["topology"] == "independent"
-    assert type(exported) is type(timm.create_model("mobilenetv3_small_050")) and classes == 100
+    assert results["method"] == "dml" and results["peers"] == 2
+    assert type(exported) is type(timm.create_model("mobilenetv3_small_050")) and exported.classifier.out_features == 100
     exported_equals_trained(exported, peers, 32)  # CIFAR's own 32x32: no resize, stem unchanged
 
 
 def test_torchvision_peers_train_on_imagenette_and_export_the_torchvision_module(tmp_path, data_root):
     from torchvision.models import MobileNetV3
 
-    results, exported, peers, classes = train_and_export(
-        tmp_path, "backbone=torchvision", "backbone.name=mobilenet_v3_small", *SMALL_MCL_OKD, *imagenette(data_root))
-    assert results["method"] == "mcl_okd" and results["topology"] == "independent" and classes == 10
+    results, exported, peers, _ = train_and_export(tmp_path, 1, "peers=2", *SMALL_MCL_OKD, *imagenette(data_root))
+    assert results["backbone"] == "torchvision:mobilenet_v3_small" and results["topology"] == "independent"
+    assert results["method"] == "mcl_okd" and results["peers"] == 2
     assert type(exported) is MobileNetV3 and exported.classifier[-1].out_features == 10
-    exported_equals_trained(exported, peers, 224)
+    exported_equals_trained(exported, peers, 224)  # ImageNet's 224x224 crops
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("dataset", ["cifar100", "imagenette"])
-def test_mixed_library_peers_train_on_both_datasets(tmp_path, data_root, dataset):
+def test_mixed_library_peers_train_on_both_datasets_and_export_from_the_cli(tmp_path, data_root, dataset):
     timm = pytest.importorskip("timm", reason='timm: peers need pip install "mcl-lightning[timm]"')
-    data = imagenette(data_root) if dataset == "imagenette" else [f"data.root={data_root}"]
-    results, exported, peers, _ = train_and_export(
-        tmp_path, "peers=[torchvision:mobilenet_v3_small,timm:mobilenetv3_small_050]", *SMALL_MCL_OKD, *data)
+    data = ["data=imagenet", *imagenette(data_root)] if dataset == "imagenette" else [f"data.root={data_root}"]
+    results, exported, peers, checkpoint = train_and_export(tmp_path, 2, *SMALL_MCL_OKD, *data)
     assert results["backbone"] == "torchvision:mobilenet_v3_small+timm:mobilenetv3_small_050"
     assert type(exported) is type(timm.create_model("mobilenetv3_small_050"))
     exported_equals_trained(exported, peers, 224 if dataset == "imagenette" else 32)
+    module, args = readme_commands("library-backbones")[3]
+    args = [str(checkpoint) if a.endswith("last.ckpt") else str(tmp_path / a) if a == "peer.pt" else a for a in args]
+    proc = run_cli(module, *args)
+    assert proc.returncode == 0 and "timm.create_model('mobilenetv3_small_050'" in proc.stdout, proc.stderr[-2000:]
+    exported.load_state_dict(torch.load(tmp_path / "peer.pt", weights_only=True))  # the library module takes it
 
 
 def test_pretrained_loads_a_local_file_and_leaves_out_a_classifier_of_another_width(tmp_path):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import run_cli
+from conftest import readme_commands, run_cli
 from mcl_lightning.errors import ConfigError
 from mcl_lightning.tracking import check_loggers
 
@@ -59,8 +59,9 @@ def tracked_run(data_root, tmp_path_factory) -> Path:
     pytest.importorskip("wandb", reason='logger=wandb needs pip install "mcl-lightning[wandb]"')
     pytest.importorskip("mlflow", reason='logger=mlflow needs pip install "mcl-lightning[mlflow]"')
     where = tmp_path_factory.mktemp("tracked")
-    proc = run_cli("mcl_lightning.train", *TINY, "logger=[default,mlflow,wandb]", "logger.offline=true",
-                   f"data.root={data_root}", f"hydra.run.dir={where / 'run'}", cwd=where)
+    ((module, args),) = readme_commands("loggers")  # the README's command, with tiny settings
+    assert args == ["logger=[default,mlflow,wandb]", "logger.offline=true"]
+    proc = run_cli(module, *args, *TINY, f"data.root={data_root}", f"hydra.run.dir={where / 'run'}", cwd=where)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return where
 
@@ -99,6 +100,7 @@ def test_wandb_offline_run_holds_the_csv_metrics_and_the_config(tracked_run):
     assert (run_dir / "files" / "curves.png").is_file()
 
 
+@pytest.mark.slow  # the message itself: test_logger_entries_are_the_targets_only
 def test_a_tracker_that_is_not_installed_names_its_extra(tmp_path, data_root):
     code = ("import sys; sys.modules['wandb'] = None\n"  # as if the extra were not installed
             "from mcl_lightning.train import main; main()")
@@ -118,6 +120,7 @@ def test_logger_entries_are_the_targets_only(monkeypatch):
         check_loggers(OmegaConf.create({"mlflow": {"_target_": "lightning.pytorch.loggers.MLFlowLogger"}}))
 
 
+@pytest.mark.slow
 def test_logger_none_keeps_results_and_checkpoints(tmp_path, data_root):
     run_dir = tmp_path / "run"
     proc = run_cli("mcl_lightning.train", *TINY, "logger=none", f"data.root={data_root}", f"hydra.run.dir={run_dir}")

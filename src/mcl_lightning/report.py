@@ -4,6 +4,8 @@
     python -m mcl_lightning.report outputs/ --out comparison   # writes comparison.md / comparison.csv
     python -m mcl_lightning.report --curves multirun/2026-11-26/12-00-00   # curves.png in every run
 
+An Optuna sweep folder (hydra/sweeper=optuna) gives one row per trial instead (``sweep_report.py``).
+
 Runs that differ only in their seed are one row: mean ± sample std (n) of top-1 for the deployed
 peer (the last one, which ``mcl_lightning.export`` exports by default), the peer mean and the
 method's ensemble, at the final epoch and at the best epoch (the epoch of the best checkpoint, which
@@ -24,6 +26,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from mcl_lightning.errors import UserError
+from mcl_lightning.sweep_report import optuna_sweeper, sweep_report
 
 # Config keys that say where or how often, not what was trained: never part of a row's identity.
 IGNORED_KEYS = ("seed", "ckpt_path", "data.root", "data.num_workers", "data.download", "trainer.enable_progress_bar",
@@ -260,6 +263,12 @@ def main(argv: list[str] | None = None) -> None:
 
             for path in plot_all(args.root):
                 print(path)
+            return
+        sweeper = optuna_sweeper(args.root) if args.root.is_dir() else None
+        if sweeper is not None:  # an Optuna sweep: one row per trial, the best marked
+            rows, md, csv_path = sweep_report(args.root, sweeper, args.out)
+            print(md.read_text(), end="")
+            print(f"\n{len(rows)} trials -> {md}, {csv_path}")
             return
         rows, md, csv_path = report(args.root, args.out)
     except UserError as error:

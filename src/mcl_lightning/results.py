@@ -111,6 +111,13 @@ def run_results(cfg: Any, system: Any, trainer: Any, datamodule: Any, callbacks:
     return results
 
 
+def objective(results: dict[str, Any]) -> float:
+    """What a sweeper (hydra/sweeper=optuna) optimises, returned by the entry point: the deployed (last)
+    peer's validation top-1 at the final epoch; validation is the holdout (data.val_split), as a search
+    refuses to select on the test set."""
+    return float(results["final"][f"peer{int(results['peers']) - 1}"]["top1"])
+
+
 def backbone_name(peers: Any, cfg: Any) -> str:
     """The backbone's name, or ``a+b+c`` for heterogeneous peers."""
     spec = peers.build_spec

@@ -17,6 +17,7 @@ from typing import Any
 import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.errors import (ConfigCompositionException, InstantiationException, MissingConfigException,
                           OverrideParseException)
 from hydra.utils import instantiate
@@ -34,7 +35,7 @@ from mcl_lightning.methods import OKDMethod
 from mcl_lightning.models import PeerNetwork
 from mcl_lightning.perf import apply_perf
 from mcl_lightning.progress import LossTermsProgressBar
-from mcl_lightning.results import format_table, run_results, write_results
+from mcl_lightning.results import format_table, objective, run_results, write_results
 from mcl_lightning.spec import method_spec
 from mcl_lightning.system import MONITOR, OKDSystem
 from mcl_lightning.tracking import build_loggers, finish_trackers, log_config
@@ -152,9 +153,15 @@ def _user_error(error: BaseException) -> Exception | None:
 
 
 @hydra.main(version_base="1.3", config_path="pkg://mcl_lightning.conf", config_name="train")
-def _hydra_main(cfg: DictConfig) -> None:
+def _hydra_main(cfg: DictConfig) -> float:
     try:
-        run(cfg)
+        return objective(run(cfg))
+    except NonFiniteLossError as error:
+        if HydraConfig.get().mode != RunMode.MULTIRUN:
+            raise
+        # One diverging sweep job is a failed trial (Optuna records NaN as failed), not the end of the sweep.
+        print(f"error: {error}", file=sys.stderr)
+        return float("nan")
     except SIGTERMException as stop:  # pre-empted: the checkpoint is written, the relaunch resumes it
         where = f" at epoch {stop.epoch}, step {stop.step}; checkpoint {stop.checkpoint}" if hasattr(stop, "step") else ""
         print(f"stopped by SIGTERM{where}. Relaunch the same command with ckpt_path=last to continue.", file=sys.stderr)
@@ -174,6 +181,10 @@ def main() -> None:
     try:
         _hydra_main()
     except MissingConfigException as error:
+        if (error.missing_cfg_file or "").startswith("hydra/sweeper/optuna"):
+            print('error: hydra/sweeper=optuna (and hparams_search=) needs hydra-optuna-sweeper: '
+                  'pip install "mcl-lightning[tune]"', file=sys.stderr)
+            sys.exit(2)
         group = (error.missing_cfg_file or "").split("/")[0]
         value = (error.missing_cfg_file or "").split("/")[-1]
         choices = ", ".join(error.options or [])

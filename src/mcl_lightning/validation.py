@@ -187,7 +187,12 @@ class EarlyChecks(Callback):
 
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        # The jobs' own options are checked by each job (train.run); here only the sweep directory.
+        # The jobs' own options are checked by each job (train.run); here the search's data and the sweep directory.
+        try:
+            check_search_selects_on_holdout(config)
+        except ConfigError as error:
+            print(f"error: {error}", file=sys.stderr)
+            sys.exit(2)
         try:
             sweep = Path(str(config.hydra.sweep.dir)).resolve()
         except Exception:
@@ -199,6 +204,14 @@ class EarlyChecks(Callback):
             print(f"error: hydra.sweep.dir={sweep} already holds runs ({held[0].relative_to(sweep)}); nothing was "
                   "changed. Choose another hydra.sweep.dir, or pass ckpt_path=last to continue each job", file=sys.stderr)
             sys.exit(2)
+
+
+def check_search_selects_on_holdout(config: DictConfig) -> None:
+    """A hyperparameter search (a sweeper that optimises the returned top-1) must validate on a holdout."""
+    sweeper = str(OmegaConf.select(config, "hydra.sweeper._target_", default="") or "")
+    if "optuna" in sweeper.lower() and not config.data.get("val_split"):
+        raise ConfigError("an Optuna search selects on the validation set, which is the test set without a holdout "
+                          "(an optimistic number); add data.val_split=5000 (a stratified holdout of the training set)")
 
 
 def preflight(cfg: DictConfig, run_dir: Path | None) -> None:

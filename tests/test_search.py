@@ -1,0 +1,73 @@
+"""Optuna search (hydra/sweeper=optuna, hparams_search=<method>): the README's sweeps on the holdout,
+the refusal to select on the test set, and the report of a sweep folder (one row per trial)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_module
+
+from conftest import readme_commands, run_cli
+from mcl_lightning.results import objective
+
+pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason='hydra/sweeper=optuna needs pip install "mcl-lightning[tune]"')
+
+TINY = ["peers=2", "backbone=resnet8", "method.projection_dim=16", "data.batch_size=32", "trainer.max_epochs=1",
+        "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1",
+        "trainer.enable_progress_bar=false"]
+METHODS = ["mcl_okd", "dml", "cl_ilr", "one", "okddip", "mutual_cl"]
+
+
+def sweep_and_report(tmp_path: Path, line: int, *extra: str) -> tuple[list[dict], str]:
+    """The README search block's command ``line`` with tiny settings, then its report line on the folder."""
+    commands = readme_commands("search")
+    module, args = commands[line]
+    sweep = tmp_path / "sweep"
+    proc = run_cli(module, *args, *TINY, *extra, f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trials = [json.loads(p.read_text()) for p in sorted(sweep.glob("*/results.json"))]
+    report_module, report_args = commands[-1]
+    proc = run_cli(report_module, *[str(sweep) if a.startswith("multirun/") else a for a in report_args])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return trials, proc.stdout
+
+
+def test_three_optuna_trials_over_beta_on_the_holdout_and_their_report(tmp_path, data_root):
+    trials, table = sweep_and_report(tmp_path, 1, "method.nce_k=32", f"data.root={data_root}")
+    assert len(trials) == 3 and len({t["config"]["method"]["beta"] for t in trials}) == 3
+    assert all(t["selection"] != "test-selected" and 0.005 <= t["config"]["method"]["beta"] <= 0.2 for t in trials)
+    rows = [line for line in table.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert len(rows) == 3 and "3 trials" in table and "method.beta" in table
+    best = max(range(3), key=lambda i: objective(trials[i]))  # the first of equal bests, as max() picks
+    assert [("**best**" in row) for row in rows] == [i == best for i in range(3)]
+    assert f"{100 * objective(trials[best]):.2f}" in rows[best]
+
+
+def test_a_search_without_a_holdout_is_refused_in_one_line(tmp_path, data_root):
+    module, args = readme_commands("search")[1]
+    args = [a for a in args if not a.startswith("data.val_split")]
+    proc = run_cli(module, *args, *TINY, f"data.root={data_root}", f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    assert proc.returncode == 2
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("error: an Optuna search selects on the validation set") and "data.val_split=5000" in line
+    assert not (tmp_path / "sweep").exists()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_search_space_names_options_of_its_method(method):
+    with initialize_config_module("mcl_lightning.conf", version_base="1.3"):
+        cfg = compose("train", overrides=[f"hparams_search={method}"], return_hydra_config=True)
+        plain = compose("train", overrides=[f"method={method}"])
+    assert cfg.hydra.sweeper.direction == "maximize" and "optuna" in cfg.hydra.sweeper._target_
+    assert cfg.method == plain.method  # the search picks its method, defaults unchanged
+    keys = list(cfg.hydra.sweeper.params)
+    assert keys and all(k.startswith("method.") and k.split(".", 1)[1] in cfg.method for k in keys)
+
+
+@pytest.mark.slow
+def test_the_ready_mcl_okd_search_runs(tmp_path, data_root):
+    trials, table = sweep_and_report(tmp_path, 0, "hydra.sweeper.n_trials=2", f"data.root={data_root}")
+    assert len(trials) == 2 and all(t["method"] == "mcl_okd" for t in trials)
+    assert "method.nce_k" in table and "method.tau" in table and table.count("**best**") == 1
