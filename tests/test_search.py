@@ -71,3 +71,32 @@ def test_the_ready_mcl_okd_search_runs(tmp_path, data_root):
     trials, table = sweep_and_report(tmp_path, 0, "hydra.sweeper.n_trials=2", f"data.root={data_root}")
     assert len(trials) == 2 and all(t["method"] == "mcl_okd" for t in trials)
     assert "method.nce_k" in table and "method.tau" in table and table.count("**best**") == 1
+
+
+@pytest.mark.slow
+def test_a_diverging_trial_fails_and_the_search_goes_on(tmp_path, data_root):
+    """A method whose loss turns NaN at step ``step``: the trial with step=1 fails (one line), step=99 finishes."""
+    (tmp_path / "nan_method.py").write_text(
+        "from mcl_lightning.methods import OKDMethod\n"
+        "from mcl_lightning.methods.losses import cross_entropy_per_peer\n\n"
+        "class ExplodeAt(OKDMethod):\n"
+        "    def __init__(self, step: int = 1) -> None:\n"
+        "        super().__init__()\n"
+        "        self.step, self.calls = step, 0\n\n"
+        "    def forward(self, output, labels, indices):\n"
+        "        self.calls += 1\n"
+        "        ce = cross_entropy_per_peer(output.logits, labels).sum()\n"
+        "        return {'ce': ce, 'blowup': ce * (float('nan') if self.calls >= self.step else 0.0)}\n")
+    (tmp_path / "conf" / "method").mkdir(parents=True)
+    (tmp_path / "conf" / "method" / "explode.yaml").write_text("_target_: nan_method.ExplodeAt\nstep: 1\n")
+    sweep = tmp_path / "sweep"
+    proc = run_cli("mcl_lightning.train", "-m", "hydra/sweeper=optuna", "hydra.sweeper.direction=maximize",
+                   "hydra.sweeper.n_trials=4", "hydra.sweeper.max_failure_rate=1.0", "method.step=choice(1,99)",  # TPE seeded by seed=0: both values drawn
+                   "method=explode", f"hydra.searchpath=[file://{tmp_path / 'conf'}]", "data.val_split=5000",
+                   *[o for o in TINY if not o.startswith("method.")], f"data.root={data_root}",
+                   f"hydra.sweep.dir={sweep}", env={"PYTHONPATH": str(tmp_path)}, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = [json.loads(p.read_text()) for p in sweep.glob("*/results.json")]
+    assert len(runs) == 4 and {r["config"]["method"]["step"] for r in runs} == {1, 99}
+    assert all(r["status"] == ("failed" if r["config"]["method"]["step"] == 1 else "finished") for r in runs)
+    assert "loss term 'blowup' became nan" in proc.stderr

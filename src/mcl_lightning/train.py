@@ -3,6 +3,8 @@
     python -m mcl_lightning.train peers=4 backbone=resnet56 data.root=/path/to/data
     python -m mcl_lightning.train -m seed=0,1,2 method.beta=0.025,0.05
     python -m mcl_lightning.train ... hydra.run.dir=runs/a checkpoint.every_n_steps=500 ckpt_path=last  # pre-emptible
+    python -m mcl_lightning.train logger=[default,mlflow] backbone=timm backbone.name=mobilenetv3_small_050
+    python -m mcl_lightning.train -m hparams_search=mcl_okd data.val_split=5000  # Optuna; returns the objective
 """
 
 from __future__ import annotations
@@ -156,12 +158,6 @@ def _user_error(error: BaseException) -> Exception | None:
 def _hydra_main(cfg: DictConfig) -> float:
     try:
         return objective(run(cfg))
-    except NonFiniteLossError as error:
-        if HydraConfig.get().mode != RunMode.MULTIRUN:
-            raise
-        # One diverging sweep job is a failed trial (Optuna records NaN as failed), not the end of the sweep.
-        print(f"error: {error}", file=sys.stderr)
-        return float("nan")
     except SIGTERMException as stop:  # pre-empted: the checkpoint is written, the relaunch resumes it
         where = f" at epoch {stop.epoch}, step {stop.step}; checkpoint {stop.checkpoint}" if hasattr(stop, "step") else ""
         print(f"stopped by SIGTERM{where}. Relaunch the same command with ckpt_path=last to continue.", file=sys.stderr)
@@ -171,6 +167,8 @@ def _hydra_main(cfg: DictConfig) -> float:
         if user_error is None:
             raise
         print(f"error: {user_error}", file=sys.stderr)
+        if isinstance(error, NonFiniteLossError) and HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise  # a failed job: a sweeper with a failure budget (hydra.sweeper.max_failure_rate) goes on
         sys.exit(2)
 
 
@@ -190,6 +188,8 @@ def main() -> None:
         choices = ", ".join(error.options or [])
         print(f"error: unknown {group} {value!r}; choose one of: {choices} (as {group}=<name>)"
               if group and error.options else f"error: {' '.join(str(error).split())}", file=sys.stderr)
+        sys.exit(2)
+    except NonFiniteLossError:  # a sweep stopped by a diverging job, whose line is printed already
         sys.exit(2)
     except (ConfigCompositionException, OverrideParseException) as error:
         print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
