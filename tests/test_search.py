@@ -4,6 +4,8 @@ the refusal to select on the test set, and the report of a sweep folder (one row
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -100,3 +102,14 @@ def test_a_diverging_trial_fails_and_the_search_goes_on(tmp_path, data_root):
     assert len(runs) == 4 and {r["config"]["method"]["step"] for r in runs} == {1, 99}
     assert all(r["status"] == ("failed" if r["config"]["method"]["step"] == 1 else "finished") for r in runs)
     assert "loss term 'blowup' became nan" in proc.stderr
+
+
+@pytest.mark.slow
+def test_a_search_without_the_tune_extra_names_it(tmp_path):
+    code = ("import sys; sys.modules['hydra_plugins.hydra_optuna_sweeper'] = None\n"  # as if not installed
+            "from mcl_lightning.train import main; main()")
+    proc = subprocess.run([sys.executable, "-c", code, "-m", "hparams_search=mcl_okd", "data.val_split=5000",
+                           f"hydra.sweep.dir={tmp_path / 'sweep'}"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    (line,) = proc.stderr.strip().splitlines()
+    assert 'pip install "mcl-lightning[tune]"' in line and not (tmp_path / "sweep").exists()
