@@ -117,3 +117,11 @@ def test_refusals_are_one_line_naming_the_fix(kwargs, message):
     with pytest.raises(ConfigError, match=message) as error:
         build_peers(**options)
     assert "\n" not in str(error.value)
+
+
+def test_timm_not_installed_names_its_extra(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "timm", None)  # as if the extra were not installed
+    with pytest.raises(ConfigError, match=r'pip install "mcl-lightning\[timm\]"'):
+        build_peers("mobilenetv3_small_050", peers=2, num_classes=10, library="timm")
