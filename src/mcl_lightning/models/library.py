@@ -34,6 +34,19 @@ def is_library_name(name: str) -> bool:
     return ":" in name
 
 
+def check_library_peers(names: list[str], topology: str | None, branch_point: int | None,
+                        pretrained: str | None) -> bool:
+    """Whether any peer is a library network; those train independent, and only they take ``pretrained``."""
+    library = [name for name in names if is_library_name(name)]
+    if library and (topology == "shared_trunk" or branch_point not in (None, 0)):
+        raise ConfigError(f"{library[0]} trains as independent peers only (a timm or torchvision network is "
+                          "not split into stages to share); leave topology= and backbone.branch_point= unset")
+    if pretrained is not None and len(library) != len(names):
+        raise ConfigError("backbone.pretrained loads weights into timm: or torchvision: networks only; "
+                          "leave it unset for the registry backbones")
+    return bool(library)
+
+
 class LibraryBackbone(StagedBackbone):
     """A library network as one stage (the network, its final linear layer replaced by an identity)
     plus that linear layer as the classifier. ``deployable()`` puts the layer back."""

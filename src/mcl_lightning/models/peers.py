@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from mcl_lightning.errors import ConfigError
-from mcl_lightning.models.library import is_library_name
+from mcl_lightning.models.library import check_library_peers
 from mcl_lightning.models.registry import StagedBackbone, create_backbone, feature_dim_of
 from mcl_lightning.registry import check_choice
 
@@ -231,13 +231,7 @@ class PeerNetwork(nn.Module):
             raise ConfigError(f"peers must be >= 1, got {num_peers} (e.g. peers=4)")
         names = names * num_peers if len(names) == 1 else names
         heterogeneous = len(set(names)) > 1
-        library = [name for name in names if is_library_name(name)]
-        if library and (topology == "shared_trunk" or branch_point not in (None, 0)):
-            raise ConfigError(f"{library[0]} trains as independent peers only (a timm or torchvision network is "
-                              "not split into stages to share); leave topology= and backbone.branch_point= unset")
-        if pretrained is not None and len(library) != len(names):
-            raise ConfigError("backbone.pretrained loads weights into timm: or torchvision: networks only; "
-                              "leave it unset for the registry backbones")
+        library = check_library_peers(names, topology, branch_point, pretrained)  # timm: / torchvision: peers
         topology = topology or ("independent" if heterogeneous or library else layout.topology)
         check_choice("topology", topology, TOPOLOGIES)
         if heterogeneous and topology != "independent":
