@@ -4,6 +4,7 @@ the refusal to select on the test set, and the report of a sweep folder (one row
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -113,3 +114,9 @@ def test_a_search_without_the_tune_extra_names_it(tmp_path):
     assert proc.returncode == 2
     (line,) = proc.stderr.strip().splitlines()
     assert 'pip install "mcl-lightning[tune]"' in line and not (tmp_path / "sweep").exists()
+
+
+def test_the_objective_is_the_deployed_peers_final_validation_top1():
+    results = {"peers": 3, "final": {"peer0": {"top1": 0.9}, "peer2": {"top1": 0.25}}}
+    assert objective(results) == 0.25
+    assert math.isnan(objective({"peers": 3, "final": {}}))  # no validation (trainer.limit_val_batches=0)

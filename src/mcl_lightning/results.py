@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 from pathlib import Path
@@ -114,8 +115,9 @@ def run_results(cfg: Any, system: Any, trainer: Any, datamodule: Any, callbacks:
 def objective(results: dict[str, Any]) -> float:
     """What a sweeper (hydra/sweeper=optuna) optimises, returned by the entry point: the deployed (last)
     peer's validation top-1 at the final epoch; validation is the holdout (data.val_split), as a search
-    refuses to select on the test set."""
-    return float(results["final"][f"peer{int(results['peers']) - 1}"]["top1"])
+    refuses to select on the test set. NaN for a run without validation (trainer.limit_val_batches=0)."""
+    deployed = (results.get("final") or {}).get(f"peer{int(results['peers']) - 1}") or {}
+    return float(deployed.get("top1", math.nan))
 
 
 def backbone_name(peers: Any, cfg: Any) -> str:
