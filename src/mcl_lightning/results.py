@@ -97,6 +97,7 @@ def run_results(cfg: Any, system: Any, trainer: Any, datamodule: Any, callbacks:
         "selection": datamodule.selection_note,
         "wall_time_s": None if wall_time_s is None else round(wall_time_s, 1),
         "machine": machine(trainer),
+        "throughput": callbacks["throughput"].summary(trainer, datamodule) if "throughput" in callbacks else None,
         "final": summary["final"],
         "best": summary["best"],
         "best_epoch": summary["best_epoch"],

@@ -38,6 +38,7 @@ from mcl_lightning.progress import LossTermsProgressBar
 from mcl_lightning.results import format_table, run_results, write_results
 from mcl_lightning.spec import method_spec
 from mcl_lightning.system import MONITOR, OKDSystem
+from mcl_lightning.throughput import TrainThroughput
 
 log = logging.getLogger("mcl_lightning")
 
@@ -75,6 +76,7 @@ def build(cfg: DictConfig, run_dir: Path, ckpt_path: Path | None) -> tuple[Any, 
         "best": ModelCheckpoint(dirpath=checkpoint_dir, filename="best-epoch{epoch:03d}", auto_insert_metric_name=False,
                                 monitor=MONITOR, mode="max", enable_version_counter=False),
         "last": LastCheckpoint(checkpoint_dir, cfg.checkpoint.every_n_steps),  # after "best": its state included
+        "throughput": TrainThroughput(),  # results.json's training images/s (the study planner reads it)
     }
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks["progress"] = LossTermsProgressBar()
