@@ -58,6 +58,7 @@ from mcl_lightning.contrast import NegativeSampler
 from mcl_lightning.data import CIFARDataModule, DeviceResidentLoader, normalize, random_crop_flip
 from mcl_lightning.errors import ConfigError, UserError
 from mcl_lightning.evaluate import parse_overrides
+from mcl_lightning.validation import check_data_root
 from mcl_lightning.methods import OKDMethod, get_method, list_methods
 from mcl_lightning.methods.losses import cross_entropy_per_peer
 from mcl_lightning.models import PeerLayout, PeerNetwork, PeerSpec
@@ -836,6 +837,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 def data_module(args: argparse.Namespace, batch_size: int) -> CIFARDataModule:
     """The CIFAR training data, ``--data-root`` or ``data.root=`` with any other ``data.*`` option."""
     options = {"root": args.data_root, "download": False, **parse_overrides(args.data)}
+    check_data_root(options["root"])
     for fixed in ("batch_size", "dataset"):
         if fixed in options:
             raise ConfigError(f"data.{fixed} is set by the benchmark's tables; use --batch-size (CIFAR-100 only)")

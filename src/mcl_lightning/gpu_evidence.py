@@ -1,7 +1,7 @@
 """One command for a short GPU lease: the benchmark's headline rows, then the comparison study.
 
     python -m mcl_lightning.gpu_evidence data.root=/data data.check_integrity=false   # make gpu-evidence
-    python -m mcl_lightning.gpu_evidence --minutes 2 --device cpu --bench-preset tiny \\
+    python -m mcl_lightning.gpu_evidence --minutes 3 --device cpu --bench-args "--batch-size 8 --steps 1 ..." \\
         --reproduce-args "--concurrency 1,3 --probe-steps 7 --max-epochs 1" trainer=cpu ...   # CPU dry run
 
 1. ``python -m mcl_lightning.bench --preset gpu_headline`` (MCL-OKD K = 256 at batch 64 and 256 with the
@@ -50,6 +50,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--bench-seconds", type=float, default=150.0, help="the benchmark's share of the budget")
     p.add_argument("--bench-preset", default="gpu_headline", help="the benchmark's preset (tiny: a dry run)")
     p.add_argument("--device", default="cuda", help="the benchmark's device")
+    p.add_argument("--bench-args", default="", help="extra options of mcl_lightning.bench, quoted as one")
     p.add_argument("--reproduce-args", default="", help="extra options of mcl_lightning.reproduce, quoted as one")
     p.add_argument("--out", type=Path, default=Path("outputs/gpu-evidence"))
     p.add_argument("overrides", nargs="*", help="Hydra overrides for the study; data.* also go to the benchmark")
@@ -59,11 +60,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     started = time.monotonic()
+    for option in args.overrides:  # the one mistake both steps would make: one line before either starts
+        key, _, value = option.partition("=")
+        if key == "data.root" and not Path(value).expanduser().is_dir():
+            print(f"error: data.root={value} is not a folder; point it at the folder that holds cifar-100-python/",
+                  file=sys.stderr)
+            sys.exit(2)
     out: Path = args.out
+    if (out / "evidence.json").exists() or (out / "study").exists():
+        print(f"error: --out {out} already holds evidence; choose another folder (make gpu-evidence EVIDENCE=...)",
+              file=sys.stderr)
+        sys.exit(2)
     out.mkdir(parents=True, exist_ok=True)
     data = [o for o in args.overrides if o.startswith("data.")]
     bench = [sys.executable, "-m", "mcl_lightning.bench", "--preset", args.bench_preset, "--device", args.device,
-             "--max-seconds", str(args.bench_seconds), "--json", str(out / "bench.json"), *data]
+             "--max-seconds", str(args.bench_seconds), "--json", str(out / "bench.json"),
+             *shlex.split(args.bench_args), *data]
     bench_rc = stream(bench, out / "bench.log")
     left_min = (args.minutes * 60 - (time.monotonic() - started) - STUDY_RESERVE_S) / 60
     study = [sys.executable, "-m", "mcl_lightning.reproduce", "--minutes", f"{left_min:.2f}", "--out", str(out / "study"),

@@ -53,6 +53,10 @@ PACKAGES = ("torch", "torchvision", "lightning", "torchmetrics", "hydra-core", "
             "joblib", "numpy")
 
 
+class StudyFailed(RuntimeError):
+    """A probe or the study's multirun failed (not a configuration mistake): exit status 1 with its log."""
+
+
 def override_key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
 
@@ -116,12 +120,25 @@ def probe_level(out: Path, concurrency: int, experiments: list[str], overrides: 
     return level
 
 
-def run_plan(experiment: str, overrides: list[str]) -> dict[str, Any]:
-    """Images per epoch and per evaluation pass of ``experiment`` as the study will run it (no data read)."""
+def run_plan(experiment: str, overrides: list[str], checked_data: set[str]) -> dict[str, Any]:
+    """Images per epoch and per evaluation pass of ``experiment`` as the study will run it, after the
+    checks a training run makes first (config, network, data folder and files), so that a mistake
+    stops the study before any training: one line, exit status 2."""
     from hydra import compose, initialize_config_module
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from mcl_lightning.validation import preflight
 
     with initialize_config_module("mcl_lightning.conf", version_base="1.3"):
         cfg = compose("train", overrides=[f"experiment={experiment}", *overrides])
+    preflight(cfg, None)
+    data_key = OmegaConf.to_yaml(cfg.data, resolve=True)
+    if data_key not in checked_data:  # read the files once: missing, unreadable or altered data is named here
+        datamodule = instantiate(cfg.data)
+        datamodule.prepare_data()
+        datamodule.setup("fit")
+        checked_data.add(data_key)
     return {"batch_size": int(cfg.data.batch_size), "eval_batch_size": int(cfg.data.get("eval_batch_size", 256)),
             "drop_last": bool(cfg.data.get("drop_last", False)),
             "limit_train_batches": cfg.trainer.get("limit_train_batches", 1.0),
@@ -208,14 +225,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def study(args: argparse.Namespace) -> dict[str, Any]:
     started = time.monotonic()
-    out = args.out or Path("outputs/reproduce") / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-    out.mkdir(parents=True, exist_ok=True)
     import torch
 
     fast = [] if args.no_fast_path or not torch.cuda.is_available() else FAST_PATH
     overrides = merged(fast, list(args.overrides))
     experiments, runs_total = args.experiments, len(args.experiments) * len(args.seeds)
-    plans = {e: run_plan(e, overrides) for e in experiments}  # a config mistake stops here, before any training
+    checked: set[str] = set()
+    plans = {e: run_plan(e, overrides, checked) for e in experiments}  # a mistake stops here, before any training
+    out = args.out or Path("outputs/reproduce") / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    if (out / "reproduce.json").exists() or (out / "runs").exists():
+        raise ConfigError(f"--out {out} already holds a study; choose another folder")
+    out.mkdir(parents=True, exist_ok=True)
     print(f"study: {len(experiments)} recipes x {len(args.seeds)} seeds -> {out}", flush=True)
 
     levels = []
@@ -225,10 +245,10 @@ def study(args: argparse.Namespace) -> dict[str, Any]:
         total = f"{level['total_images_per_s']:.0f} images/s in all" if level["ok"] else f"failed (see {level['log']})"
         print(f"probe c={c}: {total}", flush=True)
         if not level["ok"] and c == min(args.concurrency):
-            raise RuntimeError(f"the probe with {c} run(s) failed; its log: {level['log']}")
+            raise StudyFailed(f"the probe with {c} run(s) failed; its log: {level['log']}")
     full = [lv for lv in levels if lv["ok"] and {j["experiment"] for j in lv["jobs"]} >= set(experiments)]
     if not full:
-        raise RuntimeError("no probe level that ran every recipe succeeded; see the logs under " + str(out / "probe"))
+        raise StudyFailed("no probe level that ran every recipe succeeded; see the logs under " + str(out / "probe"))
     # speed ratios between the recipes, from the largest level that ran them all
     reference = {e: statistics.mean(j["images_per_s"] for j in full[-1]["jobs"] if j["experiment"] == e)
                  for e in experiments}
@@ -288,7 +308,7 @@ def study(args: argparse.Namespace) -> dict[str, Any]:
     print(f"{len(runs)}/{runs_total} runs, {best['epochs']} epochs each, in {record['wall_s'] / 60:.1f} min -> "
           f"{out / 'reproduce.json'}", flush=True)
     if rc != 0:
-        raise RuntimeError(f"the study's multirun exited with {rc}; its log: {out / 'runs.log'}")
+        raise StudyFailed(f"the study's multirun exited with {rc}; its log: {out / 'runs.log'}")
     return record
 
 
@@ -313,14 +333,25 @@ def gaps_markdown(rows: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from mcl_lightning.train import _user_error
+
     try:
         study(parse_args(argv))
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-    except RuntimeError as error:
+    except StudyFailed as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
+    except Exception as error:  # a person's mistake (also inside Hydra's composition) is one line; a bug keeps its traceback
+        user = error if isinstance(error, UserError) else _user_error(error) or _composition_error(error)
+        if user is None:
+            raise
+        print(f"error: {' '.join(str(user).split())}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _composition_error(error: Exception) -> Exception | None:
+    from hydra.errors import HydraException
+
+    return error if isinstance(error, HydraException) else None
 
 
 if __name__ == "__main__":

@@ -41,15 +41,19 @@ def check_config(cfg: DictConfig) -> None:
     every = cfg.get("checkpoint", {}).get("every_n_steps", 0)
     if isinstance(every, bool) or not isinstance(every, int) or every < 0:
         raise ConfigError(f"checkpoint.every_n_steps must be an integer >= 0 (0: epoch ends only), got {every!r}")
-    root = cfg.data.get("root")
+    check_data_root(cfg.data.get("root"))
+    world = configured_world_size(cfg.trainer)
+    if world:
+        check_batch_divides(int(cfg.data.batch_size), world)
+
+
+def check_data_root(root: Any) -> None:
+    """A data.root that is not a folder is a typo, not a place to download into (train, bench, evaluate)."""
     if root is not None and not Path(str(root)).expanduser().is_dir():
         raise ConfigError(
             f"data.root={root} (or MCL_DATA_ROOT) is not a folder; fix the path, or create the folder "
             "(CIFAR is then downloaded into it when a network is there), or leave data.root unset to use "
             "the default data folder")
-    world = configured_world_size(cfg.trainer)
-    if world:
-        check_batch_divides(int(cfg.data.batch_size), world)
 
 
 def configured_world_size(trainer: DictConfig) -> int | None:
