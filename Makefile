@@ -24,14 +24,12 @@ test-all:
 OLDEST_VENV ?= .venv-oldest
 OLDEST = torch==2.11.0 torchvision==0.26.0 lightning==2.6.6 torchmetrics==1.9.0 hydra-core==1.3.2 omegaconf==2.3.0 \
 	hydra-joblib-launcher==1.2.0
-UNIT_TESTS = tests/test_entry_points.py tests/test_study.py tests/test_contrast.py tests/test_models.py \
+UNIT_TESTS = tests/test_entry_points.py tests/test_gpu_evidence.py tests/test_study.py tests/test_contrast.py tests/test_models.py \
 	tests/test_system.py tests/test_rng.py tests/test_samplers.py tests/test_fused_contrast.py tests/test_fused_peers.py \
 	tests/test_perf.py tests/test_resident_data.py tests/test_data.py tests/test_backbones.py
 test-oldest:
 	test -x $(OLDEST_VENV)/bin/python || $(PYTHON) -m venv $(OLDEST_VENV)
-	$(OLDEST_VENV)/bin/python -m pip install -q $(OLDEST)
-	$(OLDEST_VENV)/bin/python -m pip install -q --no-deps -e .
-	$(OLDEST_VENV)/bin/python -m pip install -q pytest
+	$(OLDEST_VENV)/bin/python -m pip install -q $(OLDEST) -e . pytest
 	$(OLDEST_VENV)/bin/python -m pip check
 	MCL_DATA_ROOT=$(DATA_ROOT) OMP_WAIT_POLICY=$(OMP_WAIT_POLICY) $(OLDEST_VENV)/bin/python -m pytest -m "not slow" -q $(UNIT_TESTS)
 
