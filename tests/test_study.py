@@ -6,7 +6,7 @@ import pytest
 
 from mcl_lightning import reproduce
 from mcl_lightning.errors import ConfigError
-from mcl_lightning.study import RunCost, fill_costs, gaps, makespan, order_longest_first, plan_epochs, probe_slots
+from mcl_lightning.study import RunCost, fill_costs, limited, gaps, makespan, order_longest_first, plan_epochs, probe_slots
 
 
 def test_makespan_is_the_greedy_list_schedule_in_order():
@@ -65,11 +65,11 @@ def test_gaps_are_the_subject_minus_each_other_recipe_mean_over_seeds():
 
 
 def test_images_per_pass_follow_lightnings_limits():
-    assert reproduce.limited(50_000, 64, 1.0) == 50_000
-    assert reproduce.limited(50_000, 64, 2) == 128  # a count of batches
-    assert reproduce.limited(50_000, 64, 1) == 64
-    assert reproduce.limited(50_000, 100, 0.5) == 25_000  # a fraction of the batches
-    assert reproduce.limited(10_000, 256, 0) == 0
+    assert limited(50_000, 64, 1.0) == 50_000
+    assert limited(50_000, 64, 2) == 128  # a count of batches
+    assert limited(50_000, 64, 1) == 64
+    assert limited(50_000, 100, 0.5) == 25_000  # a fraction of the batches
+    assert limited(10_000, 256, 0) == 0
 
 
 def test_overrides_the_user_sets_replace_the_fast_path_and_reserved_keys_are_refused():

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from mcl_lightning.errors import ConfigError, UserError
-from mcl_lightning.study import PAPER_MATRIX, RunCost, fill_costs, gaps, plan_epochs, probe_slots
+from mcl_lightning.study import PAPER_MATRIX, costs_at, gaps, plan_epochs, probe_slots
 
 FAST_PATH = ["trainer=gpu", "data.device_resident=true", "perf.channels_last=true"]
 # What a probe job changes: a few steps, no validation, a one-batch test, a flat learning rate.
@@ -145,30 +145,6 @@ def run_plan(experiment: str, overrides: list[str], checked_data: set[str]) -> d
             "limit_val_batches": cfg.trainer.get("limit_val_batches", 1.0)}
 
 
-def limited(images: int, batch: int, limit: float | int | None, drop_last: bool = False) -> int:
-    """Images a pass over ``images`` covers in batches of ``batch`` under Lightning's ``limit_*_batches``."""
-    batches = images // batch if drop_last else -(-images // batch)
-    if isinstance(limit, int) and not isinstance(limit, bool):  # a count of batches
-        return min(images, limit * batch)
-    return min(images, int(batches * float(1.0 if limit is None else limit)) * batch)  # a fraction
-
-
-def costs_at(level: dict[str, Any], reference: dict[str, float], experiments: list[str],
-             plans: dict[str, dict[str, Any]], sizes: dict[str, dict[str, Any]]) -> dict[str, RunCost]:
-    measured: dict[str, list[float]] = {}
-    startup: list[float] = []
-    for job in level["jobs"]:
-        measured.setdefault(job["experiment"], []).append(job["images_per_s"])
-        startup.append(job["startup_s"])
-    speeds = fill_costs(measured, reference, experiments)
-    out = {}
-    for e in experiments:
-        p, s = plans[e], sizes[e]
-        out[e] = RunCost(e, speeds[e], limited(s["train_dataset_size"], p["batch_size"], p["limit_train_batches"], p["drop_last"]),
-                         limited(s["val_dataset_size"] or 0, p["eval_batch_size"], p["limit_val_batches"]), max(startup))
-    return out
-
-
 def versions() -> dict[str, str | None]:
     found: dict[str, str | None] = {"python": platform.python_version()}
     for name in PACKAGES:
@@ -223,6 +199,39 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def probe_all(out: Path, args: argparse.Namespace, experiments: list[str], overrides: list[str],
+              runs_total: int) -> list[dict[str, Any]]:
+    """Every probe level that has runs enough to fill it; the smallest one must succeed."""
+    levels = []
+    for c in [c for c in args.concurrency if c <= max(runs_total, len(experiments))]:
+        level = probe_level(out, c, experiments, overrides, args.probe_steps)
+        levels.append(level)
+        total = f"{level['total_images_per_s']:.0f} images/s in all" if level["ok"] else f"failed (see {level['log']})"
+        print(f"probe c={c}: {total}", flush=True)
+        if not level["ok"] and c == min(args.concurrency):
+            raise StudyFailed(f"the probe with {c} run(s) failed; its log: {level['log']}")
+    return levels
+
+
+def choose_plan(levels: list[dict[str, Any]], experiments: list[str], plans: dict[str, dict[str, Any]], seeds: int,
+                budget: float, max_epochs: int | None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The plan of every probed concurrency, and the one with the most epochs (then the soonest done)."""
+    full = [lv for lv in levels if lv["ok"] and {j["experiment"] for j in lv["jobs"]} >= set(experiments)]
+    if not full:
+        raise StudyFailed("no probe level that ran every recipe succeeded; see the probe logs")
+    # speed ratios between the recipes, from the largest level that ran them all
+    reference = {e: statistics.mean(j["images_per_s"] for j in full[-1]["jobs"] if j["experiment"] == e)
+                 for e in experiments}
+    sizes = {j["experiment"]: j for lv in levels if lv["ok"] for j in lv["jobs"]}
+    options = []
+    for level in [lv for lv in levels if lv["ok"]]:
+        costs = costs_at(level, reference, experiments, plans, sizes)
+        epochs, span = plan_epochs(costs, seeds, level["concurrency"], budget, max_epochs)
+        options.append({"concurrency": level["concurrency"], "epochs": epochs, "predicted_s": round(span, 1),
+                        "order": sorted(experiments, key=lambda e: -costs[e].seconds(epochs)), "fits": span <= budget})
+    return options, max(options, key=lambda o: (o["fits"], o["epochs"], -o["predicted_s"]))
+
+
 def study(args: argparse.Namespace) -> dict[str, Any]:
     started = time.monotonic()
     import torch
@@ -238,29 +247,9 @@ def study(args: argparse.Namespace) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     print(f"study: {len(experiments)} recipes x {len(args.seeds)} seeds -> {out}", flush=True)
 
-    levels = []
-    for c in [c for c in args.concurrency if c <= max(runs_total, len(experiments))]:
-        level = probe_level(out, c, experiments, overrides, args.probe_steps)
-        levels.append(level)
-        total = f"{level['total_images_per_s']:.0f} images/s in all" if level["ok"] else f"failed (see {level['log']})"
-        print(f"probe c={c}: {total}", flush=True)
-        if not level["ok"] and c == min(args.concurrency):
-            raise StudyFailed(f"the probe with {c} run(s) failed; its log: {level['log']}")
-    full = [lv for lv in levels if lv["ok"] and {j["experiment"] for j in lv["jobs"]} >= set(experiments)]
-    if not full:
-        raise StudyFailed("no probe level that ran every recipe succeeded; see the logs under " + str(out / "probe"))
-    # speed ratios between the recipes, from the largest level that ran them all
-    reference = {e: statistics.mean(j["images_per_s"] for j in full[-1]["jobs"] if j["experiment"] == e)
-                 for e in experiments}
-    sizes = {j["experiment"]: j for lv in levels if lv["ok"] for j in lv["jobs"]}
+    levels = probe_all(out, args, experiments, overrides, runs_total)
     budget = args.minutes * 60 - (time.monotonic() - started) - args.margin
-    options = []
-    for level in [lv for lv in levels if lv["ok"]]:
-        costs = costs_at(level, reference, experiments, plans, sizes)
-        epochs, span = plan_epochs(costs, len(args.seeds), level["concurrency"], budget, args.max_epochs)
-        options.append({"concurrency": level["concurrency"], "epochs": epochs, "predicted_s": round(span, 1),
-                        "order": sorted(experiments, key=lambda e: -costs[e].seconds(epochs)), "fits": span <= budget})
-    best = max(options, key=lambda o: (o["fits"], o["epochs"], -o["predicted_s"]))  # most epochs, then soonest done
+    options, best = choose_plan(levels, experiments, plans, len(args.seeds), budget, args.max_epochs)
     print(f"plan: {best['concurrency']} concurrent runs, {best['epochs']} epochs each, about {best['predicted_s']:.0f} s "
           f"of {budget:.0f} s left", flush=True)
 
@@ -281,6 +270,7 @@ def study(args: argparse.Namespace) -> dict[str, Any]:
         per_run.append({"experiment": name, "seed": results["seed"], "status": results["status"],
                         "epochs": results["epochs_run"], "wall_time_s": results["wall_time_s"],
                         "train_images_per_s": t.get("train_images_per_s"),  # training steps only
+                        "trained_images": trained,
                         "overall_images_per_s": round(trained / results["wall_time_s"], 1) if results["wall_time_s"] else None,
                         "results": results["_path"]})
     record = {
@@ -288,7 +278,8 @@ def study(args: argparse.Namespace) -> dict[str, Any]:
         **device_info(), "versions": versions(), "overrides": overrides,
         "probe": levels, "plan": {"options": options, "chosen": best, "budget_s": round(budget, 1)},
         "study": {"exit_status": rc, "wall_s": round(study_wall, 1), "runs": per_run,
-                  "total_train_images_per_s": round(sum(r["train_images_per_s"] or 0 for r in per_run), 1)},
+                  # every image every run trained, over the study's wall time: the concurrent runs' total
+                  "images_per_s": round(sum(r["trained_images"] for r in per_run) / study_wall, 1)},
         "gaps": gaps(by_experiment, experiments[0]) if rc == 0 else [],
         "targets": targets(levels, best, torch.cuda.is_available()),
         "wall_s": None,

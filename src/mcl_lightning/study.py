@@ -113,3 +113,29 @@ def gaps(runs: dict[str, list[dict[str, Any]]], subject: str) -> list[dict[str, 
                     "ours_top1": {subject: ours[subject], other: ours[other]},
                     "published_top1": {subject: paper[subject], other: paper[other]}})
     return out
+
+
+def limited(images: int, batch: int, limit: float | int | None, drop_last: bool = False) -> int:
+    """Images a pass over ``images`` covers in batches of ``batch`` under Lightning's ``limit_*_batches``."""
+    batches = images // batch if drop_last else -(-images // batch)
+    if isinstance(limit, int) and not isinstance(limit, bool):  # a count of batches
+        return min(images, limit * batch)
+    return min(images, int(batches * float(1.0 if limit is None else limit)) * batch)  # a fraction
+
+
+def costs_at(level: dict[str, Any], reference: dict[str, float], experiments: list[str],
+             plans: dict[str, dict[str, Any]], sizes: dict[str, dict[str, Any]]) -> dict[str, RunCost]:
+    """Each recipe's RunCost at one probe level (``sizes``: a probe job of the recipe; ``plans``: its
+    batch sizes and limits as the study runs it)."""
+    measured: dict[str, list[float]] = {}
+    startup: list[float] = []
+    for job in level["jobs"]:
+        measured.setdefault(job["experiment"], []).append(job["images_per_s"])
+        startup.append(job["startup_s"])
+    speeds = fill_costs(measured, reference, experiments)
+    out = {}
+    for e in experiments:
+        p, s = plans[e], sizes[e]
+        out[e] = RunCost(e, speeds[e], limited(s["train_dataset_size"], p["batch_size"], p["limit_train_batches"], p["drop_last"]),
+                         limited(s["val_dataset_size"] or 0, p["eval_batch_size"], p["limit_val_batches"]), max(startup))
+    return out
