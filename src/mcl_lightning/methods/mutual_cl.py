@@ -74,7 +74,8 @@ class MutualCL(OKDMethod):
     """Mutual contrastive learning: in-batch supervised contrast within (VCL) and across (ICL) the
     networks, and mutual KL between their contrastive distributions (soft VCL / soft ICL).
 
-    Train it with class-balanced batches (``data.samples_per_class=2``, as the reference): with plain
+    With ``contrast="batch"``, train it with class-balanced batches (``data.samples_per_class=2``, as the
+    reference's CIFAR script): with plain
     shuffling many anchors have no same-class partner in the batch and drop out of VCL / ICL. Peers
     may be different backbones (each has its own projection MLP from its own width).
 
