@@ -71,13 +71,14 @@ def supervised_contrastive(similarity: Tensor, labels: Tensor) -> Tensor:
 
 @register_method("mutual_cl")
 class MutualCL(OKDMethod):
-    """Mutual contrastive learning: in-batch supervised contrast within (VCL) and across (ICL) the
-    networks, and mutual KL between their contrastive distributions (soft VCL / soft ICL).
+    """Mutual contrastive learning: supervised contrast within (VCL) and across (ICL) the networks,
+    in-batch or against memory banks, and mutual KL between their contrastive distributions (soft
+    VCL / soft ICL).
 
-    With ``contrast="batch"``, train it with class-balanced batches (``data.samples_per_class=2``, as the
-    reference's CIFAR script): with plain
-    shuffling many anchors have no same-class partner in the batch and drop out of VCL / ICL. Peers
-    may be different backbones (each has its own projection MLP from its own width).
+    With ``contrast="batch"``, train it with class-balanced batches (``data.samples_per_class=2``, as
+    the reference's CIFAR script): with plain shuffling many anchors have no same-class partner in the
+    batch and drop out of VCL / ICL. Peers may be different backbones (each has its own projection
+    MLP from its own width).
 
     Args:
         projection_dim: output width of the projection MLPs (reference feat_dim: 128).
