@@ -28,12 +28,12 @@ import torch
 from torch import Tensor, nn
 
 from mcl_lightning.contrast import float32_region
-from mcl_lightning.errors import ConfigError
 from mcl_lightning.methods.base import OKDMethod, register_method
 from mcl_lightning.methods.losses import cross_entropy_per_peer, distill_kl, row_kl
 from mcl_lightning.methods.mutual_cl_bank import BankContrast, check_bank_options
 from mcl_lightning.models.peers import PeerLayout, PeerOutput, PeerSpec
 from mcl_lightning.registry import check_choice
+from mcl_lightning.methods.options import check_kd_options, check_positive, check_projection_dim
 
 CONTRAST_MODES = ("batch", "bank")
 
@@ -120,12 +120,9 @@ class MutualCL(OKDMethod):
         super().__init__()
         check_choice("method.contrast", contrast, CONTRAST_MODES)
         check_bank_options(pos_k, neg_k, bank_momentum)
-        if tau <= 0 or kd_temperature <= 0:
-            raise ConfigError(f"method.tau and method.kd_temperature must be > 0, got {tau} and {kd_temperature}")
-        if projection_dim < 1:
-            raise ConfigError(f"method.projection_dim must be >= 1, got {projection_dim}")
-        if min(alpha, gamma, beta, lam) < 0:
-            raise ConfigError(f"loss weights must be >= 0, got alpha={alpha}, gamma={gamma}, beta={beta}, lam={lam}")
+        check_positive(tau=tau)
+        check_kd_options(kd_temperature, alpha=alpha, gamma=gamma, beta=beta, lam=lam)
+        check_projection_dim(projection_dim)
         self.projection_dim, self.tau, self.kd_temperature = projection_dim, tau, kd_temperature
         self.alpha, self.gamma, self.beta, self.lam = alpha, gamma, beta, lam
         self.logit_distill = bool(logit_distill)

@@ -29,6 +29,8 @@ from torch import Tensor, nn
 from mcl_lightning.contrast import MemoryBank, NegativeSampler, pairwise_logits
 from mcl_lightning.errors import ConfigError
 from mcl_lightning.methods.losses import row_kl
+from mcl_lightning.methods.options import check_momentum
+
 
 
 def leading_positive_supcon(logits: Tensor, num_positive: int) -> Tensor:
@@ -99,5 +101,4 @@ def check_bank_options(pos_k: int, neg_k: int, bank_momentum: float) -> None:
         raise ConfigError(f"method.pos_k must be >= 1 (VCL's positives are the same-class samples), got {pos_k}")
     if neg_k < 1:
         raise ConfigError(f"method.neg_k must be >= 1, got {neg_k}")
-    if not 0.0 <= bank_momentum < 1.0:
-        raise ConfigError(f"method.bank_momentum must be in [0, 1), got {bank_momentum}")
+    check_momentum(bank_momentum)
