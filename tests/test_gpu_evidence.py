@@ -56,3 +56,4 @@ def test_make_gpu_evidence_dry_run_on_cpu(reencoded_root, tmp_path):  # noqa: F8
         row = next(line for line in report.splitlines() if line.startswith(f"| {method} |"))
         assert "(2)" in row, row  # two seeds in every row
     assert "gap (deployed peer" in report
+    assert not list((out / "study").rglob("*.ckpt"))  # nothing too large to commit

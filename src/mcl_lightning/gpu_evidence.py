@@ -11,6 +11,9 @@
    results.json, ``reproduce.json``, ``report.md``), ``study.log``.
 3. ``evidence.json``: where everything is, both steps' exit status and the targets, met or missed.
 
+The runs' checkpoints are removed at the end (``--keep-checkpoints`` keeps them): with MCL-OKD's memory
+banks they weigh hundreds of MB, and the folder is meant to be committed as it is.
+
 Everything lands in ``--out`` (default ``outputs/gpu-evidence``), ready to commit. Arguments after
 the options are Hydra overrides for the study; the ``data.*`` ones go to the benchmark too.
 Both steps run as child processes, so one failing (say, a compile error in the benchmark) still
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -44,6 +48,14 @@ def stream(command: list[str], log: Path) -> int:
         return proc.wait()
 
 
+def prune_checkpoints(folder: Path) -> list[Path]:
+    """Remove every run's ``checkpoints/`` below ``folder`` (memory banks make them large); the folders removed."""
+    removed = sorted(p for p in folder.rglob("checkpoints") if p.is_dir())
+    for path in removed:
+        shutil.rmtree(path)
+    return removed
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--minutes", type=float, default=9.0, help="wall-time budget of both steps together")
@@ -53,6 +65,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--bench-args", default="", help="extra options of mcl_lightning.bench, quoted as one")
     p.add_argument("--reproduce-args", default="", help="extra options of mcl_lightning.reproduce, quoted as one")
     p.add_argument("--out", type=Path, default=Path("outputs/gpu-evidence"))
+    p.add_argument("--keep-checkpoints", action="store_true",
+                   help="keep the study's checkpoints (by default removed: hundreds of MB, nothing to commit)")
     p.add_argument("overrides", nargs="*", help="Hydra overrides for the study; data.* also go to the benchmark")
     return p.parse_args(argv)
 
@@ -81,6 +95,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     study = [sys.executable, "-m", "mcl_lightning.reproduce", "--minutes", f"{left_min:.2f}", "--out", str(out / "study"),
              *shlex.split(args.reproduce_args), *args.overrides]
     study_rc = stream(study, out / "study.log")
+    if not args.keep_checkpoints:
+        removed = prune_checkpoints(out / "study")
+        print(f"removed {len(removed)} checkpoint folders under {out / 'study'} (--keep-checkpoints keeps them)", flush=True)
     evidence: dict[str, Any] = {"bench": {"exit_status": bench_rc, "json": "bench.json", "log": "bench.log"},
                                 "study": {"exit_status": study_rc, "folder": "study", "log": "study.log"},
                                 "wall_s": round(time.monotonic() - started, 1), "targets": []}
