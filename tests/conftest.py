@@ -47,6 +47,42 @@ FINISHED_RUN = [
 ]
 
 
+# Tiny settings for a real CLI training run: one epoch of three batches, two batches of validation and test.
+TINY = [
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=3",
+    "trainer.limit_val_batches=2",
+    "trainer.limit_test_batches=2",
+    "trainer.enable_progress_bar=false",
+    "data.eval_batch_size=64",
+]
+
+
+def tiny_training_run(run_dir: Path, data_root: Path, *overrides: str, terms: tuple[str, ...] = ()):
+    """``python -m mcl_lightning.train`` with TINY settings into ``run_dir``; asserts it finished and that
+    every loss term in ``terms`` was logged and finite. Returns (results.json, metrics.csv rows, process)."""
+    import csv
+    import json
+
+    proc = run_cli("mcl_lightning.train", f"data.root={data_root}", f"hydra.run.dir={run_dir}", *TINY, *overrides)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((run_dir / "results.json").read_text())
+    rows = list(csv.DictReader((run_dir / "csv" / "metrics.csv").open()))
+    for term in terms:
+        values = [float(r[f"train/loss/{term}"]) for r in rows if r.get(f"train/loss/{term}")]
+        assert values and all(v == v and abs(v) != float("inf") for v in values), term  # logged, finite
+    return results, rows, proc
+
+
+def only_error_line(proc) -> str:
+    """The one ``error:`` line of a refused CLI run (exit status 2, no traceback)."""
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, proc.stderr[-2000:]
+    return errors[0]
+
+
 def run_cli(module: str, *args: str, env: dict | None = None, timeout: int = 900, **kwargs):
     """``python -m <module> args...`` with captured text output."""
     import subprocess

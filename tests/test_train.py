@@ -19,17 +19,9 @@ from mcl_lightning.methods import OKDMethod
 from mcl_lightning.models import PeerNetwork, count_parameters
 from mcl_lightning.train import build_network
 
+from conftest import TINY, tiny_training_run  # noqa: F401  (TINY: imported by other test files)
+
 CONF = Path(__file__).resolve().parents[1] / "conf"
-TINY = [
-    "trainer.max_epochs=1",
-    "trainer.limit_train_batches=3",
-    "trainer.limit_val_batches=2",
-    "trainer.limit_test_batches=2",
-    "trainer.enable_progress_bar=false",
-    "data.eval_batch_size=64",
-]
-
-
 def options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
 
@@ -156,11 +148,7 @@ def test_same_seed_through_the_entry_point_gives_identical_losses(tmp_path, data
 
 
 def test_train_entry_point_independent_on_real_data(tmp_path, data_root):
-    run_dir = tmp_path / "run"
-    proc = run_train("peers=4", "backbone=resnet20", "method=independent", f"data.root={data_root}",
-                     f"hydra.run.dir={run_dir}", *TINY)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads((run_dir / "results.json").read_text())
+    results, _, proc = tiny_training_run(tmp_path / "run", data_root, "peers=4", "backbone=resnet20", "method=independent")
     assert results["method"] == "independent" and results["peers"] == 4
     assert results["selection"] == "test-selected" and results["epochs_run"] == 1
     assert results["global_batch_size"] == 64 and results["learning_rate"] == 0.05 and results["seed"] == 0
