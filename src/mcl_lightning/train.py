@@ -31,6 +31,7 @@ from mcl_lightning import validation
 from mcl_lightning.checkpointing import AtomicCheckpointIO, LastCheckpoint, remove_stale_temporaries, resolve_ckpt_path
 from mcl_lightning.errors import ConfigError, NonFiniteLossError, UserError
 from mcl_lightning.guards import NonFiniteLossGuard
+from mcl_lightning.lost_rank import LostRankError, lost_rank_error
 from mcl_lightning.methods import OKDMethod
 from mcl_lightning.models import PeerNetwork
 from mcl_lightning.perf import apply_perf
@@ -101,13 +102,26 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         remove_stale_temporaries(ckpt_path.parent)  # left by a writer that was killed
     try:
         trainer.fit(system, datamodule=datamodule, ckpt_path=ckpt_path)
-    except NonFiniteLossError as error:  # results.json records the failure; the last good checkpoint stays
-        finish(run_dir, run_results(cfg, system, trainer, datamodule, callbacks, error=error,
+        trainer.test(system, datamodule=datamodule, verbose=False)  # the final weights
+    except Exception as error:  # results.json records the failure; the last good checkpoint stays
+        failure = error if isinstance(error, NonFiniteLossError) else lost_rank(error, trainer)
+        if failure is None:
+            raise
+        finish(run_dir, run_results(cfg, system, trainer, datamodule, callbacks, error=failure,
                                    wall_time_s=time.monotonic() - started), trainer)
-        raise
-    trainer.test(system, datamodule=datamodule, verbose=False)  # the final weights
+        if failure is error:
+            raise
+        raise failure from error
     wall_time_s = time.monotonic() - started
     return finish(run_dir, run_results(cfg, system, trainer, datamodule, callbacks, wall_time_s=wall_time_s), trainer)
+
+
+def lost_rank(error: Exception, trainer: L.Trainer) -> LostRankError | None:
+    """``error`` as a ``LostRankError`` if it is a DDP collective that lost another rank."""
+    if trainer.world_size < 2:
+        return None
+    return lost_rank_error(error, trainer.global_rank, trainer.world_size, getattr(trainer.strategy, "timeout_s", None),
+                           trainer.current_epoch, trainer.global_step)
 
 
 @rank_zero_only
@@ -155,6 +169,9 @@ def _hydra_main(cfg: DictConfig) -> None:
         where = f" at epoch {stop.epoch}, step {stop.step}; checkpoint {stop.checkpoint}" if hasattr(stop, "step") else ""
         print(f"stopped by SIGTERM{where}. Relaunch the same command with ckpt_path=last to continue.", file=sys.stderr)
         sys.exit(143)
+    except LostRankError as error:  # another rank died or hung: one line, and the launcher sees a failure
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        sys.exit(1)
     except Exception as error:  # a person's mistake gets one clear line, a bug its traceback
         user_error = _user_error(error)
         if user_error is None:

@@ -1,0 +1,54 @@
+"""The DDP strategy of ``trainer=ddp`` / ``trainer=ddp_cpu``: a bounded wait for a lost rank, and a
+process group that torchrun can restart.
+
+- ``timeout_s`` is the process group's timeout: a rank that stops answering (hung, or its machine
+  gone without closing its connections) makes the others' collectives fail after this many seconds
+  instead of PyTorch's 30 minutes. A rank that dies on a reachable machine closes its connections,
+  and the others fail at their next collective (``mcl_lightning.lost_rank`` names it).
+- Under torchrun (``--max-restarts N``) the agent keeps one rendezvous store for every restart of
+  the worker group, and the process group's keys (gloo's addresses, NCCL's ids) are not scoped to
+  the restart: a restarted group would read the dead group's addresses and fail to connect. Here
+  the group's keys live under ``mcl_lightning/attempt_<TORCHELASTIC_RESTART_COUNT>``.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from typing import Any
+
+import torch.distributed as dist
+from lightning.pytorch.strategies import DDPStrategy
+
+from mcl_lightning.errors import ConfigError
+
+DEFAULT_TIMEOUT_S = 300.0
+
+
+class RestartableDDPStrategy(DDPStrategy):
+    """Lightning's ``DDPStrategy`` with its timeout in seconds and a restart-scoped store under torchrun."""
+
+    def __init__(self, timeout_s: float = DEFAULT_TIMEOUT_S, **kwargs: Any) -> None:
+        if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not timeout_s > 0:
+            raise ConfigError(f"trainer.strategy.timeout_s must be a number of seconds > 0, got {timeout_s!r} "
+                              f"(e.g. trainer.strategy.timeout_s={DEFAULT_TIMEOUT_S:.0f})")
+        if "timeout" in kwargs:
+            raise ConfigError("set the DDP timeout with trainer.strategy.timeout_s=<seconds>, not timeout=")
+        super().__init__(timeout=timedelta(seconds=timeout_s), **kwargs)
+        self.timeout_s = float(timeout_s)
+
+    def setup_distributed(self) -> None:
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+        if attempt is not None and not dist.is_initialized():
+            self.set_world_ranks()
+            self._init_process_group_for_attempt(attempt)
+        super().setup_distributed()  # Lightning's own set-up; it keeps a group that is already there
+
+    def _init_process_group_for_attempt(self, attempt: str) -> None:
+        timeout = timedelta(seconds=self.timeout_s)
+        store, rank, world_size = next(dist.rendezvous("env://", self.global_rank, self.world_size, timeout=timeout))
+        store.set_timeout(timeout)
+        device = self.root_device
+        dist.init_process_group(self._get_process_group_backend(), store=dist.PrefixStore(f"mcl_lightning/attempt_{attempt}", store),
+                                rank=rank, world_size=world_size, timeout=timeout,
+                                device_id=device if device.type != "cpu" else None)
