@@ -9,20 +9,28 @@ process group that torchrun can restart.
   the worker group, and the process group's keys (gloo's addresses, NCCL's ids) are not scoped to
   the restart: a restarted group would read the dead group's addresses and fail to connect. Here
   the group's keys live under ``mcl_lightning/attempt_<TORCHELASTIC_RESTART_COUNT>``.
+- Without torchrun, Lightning's launcher runs rank 0 and starts the other ranks; its observer thread
+  kills rank 0 as soon as it sees another rank exit. Here rank 0 gets ``MAIN_GRACE_S`` first, to stop
+  by itself with its one line and a ``status: failed`` results.json (it normally needs about a step).
 """
 
 from __future__ import annotations
 
 import os
+import time
 from datetime import timedelta
 from typing import Any
 
 import torch.distributed as dist
+from lightning.fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
+from lightning.fabric.utilities.distributed import _set_num_threads_if_needed
 from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 
 from mcl_lightning.errors import ConfigError
 
 DEFAULT_TIMEOUT_S = 300.0
+MAIN_GRACE_S = 20.0
 
 
 class RestartableDDPStrategy(DDPStrategy):
@@ -36,6 +44,11 @@ class RestartableDDPStrategy(DDPStrategy):
             raise ConfigError("set the DDP timeout with trainer.strategy.timeout_s=<seconds>, not timeout=")
         super().__init__(timeout=timedelta(seconds=timeout_s), **kwargs)
         self.timeout_s = float(timeout_s)
+
+    def _configure_launcher(self) -> None:
+        super()._configure_launcher()
+        if isinstance(self._launcher, _SubprocessScriptLauncher):
+            self._launcher = _PatientLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
 
     def setup_distributed(self) -> None:
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
@@ -52,3 +65,25 @@ class RestartableDDPStrategy(DDPStrategy):
         dist.init_process_group(self._get_process_group_backend(), store=dist.PrefixStore(f"mcl_lightning/attempt_{attempt}", store),
                                 rank=rank, world_size=world_size, timeout=timeout,
                                 device_id=device if device.type != "cpu" else None)
+
+
+class _PatientObserver(_ChildProcessObserver):
+    """Lightning's watcher of the child ranks; it kills the main process (rank 0) ``MAIN_GRACE_S`` late."""
+
+    def _terminate_all(self) -> None:
+        for child in self._child_processes:
+            child.send_signal(self._termination_signal)
+        time.sleep(MAIN_GRACE_S)  # rank 0 normally exits by itself meanwhile (this thread ends with it)
+        os.kill(self._main_pid, self._termination_signal)
+
+
+class _PatientLauncher(_SubprocessScriptLauncher):
+    """Lightning's ``_SubprocessScriptLauncher.launch`` with ``_PatientObserver`` as the observer."""
+
+    def launch(self, function: Any, *args: Any, trainer: Any = None, **kwargs: Any) -> Any:
+        self.cluster_environment.validate_settings(num_devices=self.num_processes, num_nodes=self.num_nodes)
+        if not self.cluster_environment.creates_processes_externally:
+            self._call_children_scripts()
+            _PatientObserver(main_pid=os.getpid(), child_processes=self.procs).start()
+        _set_num_threads_if_needed(num_processes=self.num_processes)
+        return function(*args, **kwargs)

@@ -107,8 +107,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         failure = error if isinstance(error, NonFiniteLossError) else lost_rank(error, trainer)
         if failure is None:
             raise
+        # a lost rank: no plot, so that rank 0 is done before a launcher that saw the loss kills it
         finish(run_dir, run_results(cfg, system, trainer, datamodule, callbacks, error=failure,
-                                   wall_time_s=time.monotonic() - started), trainer)
+                                   wall_time_s=time.monotonic() - started), trainer,
+               curves=not isinstance(failure, LostRankError))
         if failure is error:
             raise
         raise failure from error
@@ -131,19 +133,24 @@ def announce(cfg: DictConfig, run_dir: Path, ckpt_path: Path | None) -> None:
     print(f"resuming from: {ckpt_path}" if ckpt_path else "starting a new run", flush=True)
 
 
-def finish(run_dir: Path, results: dict[str, Any], trainer: L.Trainer) -> dict[str, Any]:
-    """results.json, the table and curves.png (rank zero)."""
+def finish(run_dir: Path, results: dict[str, Any], trainer: L.Trainer, curves: bool = True) -> dict[str, Any]:
+    """results.json, the table and (``curves``) curves.png (rank zero)."""
     if trainer.is_global_zero:
         path = write_results(run_dir / "results.json", results)
         print(format_table(results))
-        try:
-            from mcl_lightning.curves import plot_run
-
-            print(f"curves: {plot_run(run_dir)}")
-        except Exception as error:  # a plot must not cost the run's results
-            log.warning("curves.png not written: %s: %s", type(error).__name__, error)
-        print(f"results: {path}")
+        if curves:
+            plot_curves(run_dir)
+        print(f"results: {path}", flush=True)
     return results
+
+
+def plot_curves(run_dir: Path) -> None:
+    try:
+        from mcl_lightning.curves import plot_run
+
+        print(f"curves: {plot_run(run_dir)}")
+    except Exception as error:  # a plot must not cost the run's results
+        log.warning("curves.png not written: %s: %s", type(error).__name__, error)
 
 
 def _user_error(error: BaseException) -> Exception | None:
