@@ -13,6 +13,7 @@ import sys
 import time
 from datetime import timedelta
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -23,6 +24,8 @@ from conftest import KILL_RUN, child_pids, process_env, wait_for_checkpoint
 from mcl_lightning.ddp import DEFAULT_TIMEOUT_S, RestartableDDPStrategy
 from mcl_lightning.errors import ConfigError
 from mcl_lightning.lost_rank import lost_rank_error
+from mcl_lightning.rank_stats import KEY as RANK_STATS
+from mcl_lightning.rank_stats import RankBatchNormStats
 
 HERE = Path(__file__).resolve().parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -64,6 +67,27 @@ def test_ddp_configs_bound_the_wait_for_a_lost_rank():
     for bad in (0, -5, "soon", True):
         with pytest.raises(ConfigError, match="timeout_s must be a number of seconds > 0"):
             RestartableDDPStrategy(timeout_s=bad)
+
+
+def test_each_rank_gets_its_own_batchnorm_statistics_back_from_a_checkpoint():
+    def network(mean: float) -> torch.nn.Module:
+        net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4), torch.nn.BatchNorm1d(2))
+        net[1].running_mean.fill_(mean)
+        return net
+
+    ranks = [network(0.5), network(-2.0)]  # what two ranks' statistics look like after training
+    stacked = torch.stack([torch.cat([t.reshape(-1) for n, t in r.named_buffers() if "running" in n]) for r in ranks])
+    checkpoint = {}
+    RankBatchNormStats().on_save_checkpoint(
+        SimpleNamespace(world_size=2, strategy=SimpleNamespace(all_gather=lambda flat: stacked)), ranks[0], checkpoint)
+    assert checkpoint[RANK_STATS]["names"][:2] == ["1.running_mean", "1.running_var"]
+    for rank, expected in enumerate(ranks):
+        resumed = network(0.5)  # every rank loads rank 0's state dict
+        RankBatchNormStats().on_load_checkpoint(SimpleNamespace(world_size=2, global_rank=rank), resumed, checkpoint)
+        assert all(torch.equal(a, b) for a, b in zip(resumed.buffers(), expected.buffers()))
+    other_world = network(0.5)  # resumed on 4 ranks: rank 0's statistics stay
+    RankBatchNormStats().on_load_checkpoint(SimpleNamespace(world_size=4, global_rank=1), other_world, checkpoint)
+    assert float(other_world[1].running_mean[0]) == 0.5
 
 
 # -- real processes ---------------------------------------------------------------------------------
@@ -173,6 +197,8 @@ def _assert_same_final_state(expected_dir: Path, run_dir: Path) -> dict[str, flo
     for sa, sb in zip(a["optimizer_states"][0]["state"].values(), b["optimizer_states"][0]["state"].values()):
         worst["momentum"] = max(worst["momentum"], float((sa["momentum_buffer"] - sb["momentum_buffer"]).abs().max()))
         assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
+    # each rank's own BatchNorm statistics (rank 1's are not in the state dict)
+    assert torch.equal(a[RANK_STATS]["values"], b[RANK_STATS]["values"]) and a[RANK_STATS]["values"].shape[0] == 2
     assert a["val_history"] == b["val_history"] and len(a["val_history"]) == 2
     ra, rb = (json.loads((d / "results.json").read_text()) for d in (expected_dir, run_dir))
     assert ra["final"] == rb["final"] and ra["test"] == rb["test"] and rb["status"] == "finished"

@@ -36,6 +36,7 @@ from mcl_lightning.methods import OKDMethod
 from mcl_lightning.models import PeerNetwork
 from mcl_lightning.perf import apply_perf
 from mcl_lightning.progress import LossTermsProgressBar
+from mcl_lightning.rank_stats import RankBatchNormStats
 from mcl_lightning.results import format_table, run_results, write_results
 from mcl_lightning.spec import method_spec
 from mcl_lightning.system import MONITOR, OKDSystem
@@ -72,6 +73,7 @@ def build(cfg: DictConfig, run_dir: Path, ckpt_path: Path | None) -> tuple[Any, 
     checkpoint_dir = ckpt_path.resolve().parent if ckpt_path else run_dir / "checkpoints"
     callbacks = {
         "guard": NonFiniteLossGuard(),  # runs before the checkpoint callbacks: a bad step is never saved
+        "rank_stats": RankBatchNormStats(),  # DDP: each rank's BatchNorm statistics in the checkpoints
         "lr": LearningRateMonitor(logging_interval="epoch"),
         "best": ModelCheckpoint(dirpath=checkpoint_dir, filename="best-epoch{epoch:03d}", auto_insert_metric_name=False,
                                 monitor=MONITOR, mode="max", enable_version_counter=False),
