@@ -16,6 +16,7 @@ process group that torchrun can restart.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from datetime import timedelta
@@ -62,6 +63,9 @@ class RestartableDDPStrategy(DDPStrategy):
         store, rank, world_size = next(dist.rendezvous("env://", self.global_rank, self.world_size, timeout=timeout))
         store.set_timeout(timeout)
         device = self.root_device
+        # the line Lightning logs when it sets up the group itself (launch logs and tests look for it)
+        logging.getLogger("lightning.fabric.utilities.distributed").info(
+            f"Initializing distributed: GLOBAL_RANK: {rank}, MEMBER: {rank + 1}/{world_size}")
         dist.init_process_group(self._get_process_group_backend(), store=dist.PrefixStore(f"mcl_lightning/attempt_{attempt}", store),
                                 rank=rank, world_size=world_size, timeout=timeout,
                                 device_id=device if device.type != "cpu" else None)
