@@ -66,9 +66,9 @@ class RestartableDDPStrategy(DDPStrategy):
         # the line Lightning logs when it sets up the group itself (launch logs and tests look for it)
         logging.getLogger("lightning.fabric.utilities.distributed").info(
             f"Initializing distributed: GLOBAL_RANK: {rank}, MEMBER: {rank + 1}/{world_size}")
-        dist.init_process_group(self._get_process_group_backend(), store=dist.PrefixStore(f"mcl_lightning/attempt_{attempt}", store),
-                                rank=rank, world_size=world_size, timeout=timeout,
-                                device_id=device if device.type != "cpu" else None)
+        scoped = dist.PrefixStore(f"mcl_lightning/attempt_{attempt}", store)
+        dist.init_process_group(self._get_process_group_backend(), store=scoped, rank=rank, world_size=world_size,
+                                timeout=timeout, device_id=device if device.type != "cpu" else None)
 
 
 class _PatientObserver(_ChildProcessObserver):
