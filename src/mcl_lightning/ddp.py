@@ -34,13 +34,17 @@ DEFAULT_TIMEOUT_S = 300.0
 MAIN_GRACE_S = 20.0
 
 
+def check_timeout_s(timeout_s: Any) -> None:
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not timeout_s > 0:
+        raise ConfigError(f"trainer.strategy.timeout_s must be a number of seconds > 0, got {timeout_s!r} "
+                          f"(e.g. trainer.strategy.timeout_s={DEFAULT_TIMEOUT_S:.0f})")
+
+
 class RestartableDDPStrategy(DDPStrategy):
     """Lightning's ``DDPStrategy`` with its timeout in seconds and a restart-scoped store under torchrun."""
 
     def __init__(self, timeout_s: float = DEFAULT_TIMEOUT_S, **kwargs: Any) -> None:
-        if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not timeout_s > 0:
-            raise ConfigError(f"trainer.strategy.timeout_s must be a number of seconds > 0, got {timeout_s!r} "
-                              f"(e.g. trainer.strategy.timeout_s={DEFAULT_TIMEOUT_S:.0f})")
+        check_timeout_s(timeout_s)
         if "timeout" in kwargs:
             raise ConfigError("set the DDP timeout with trainer.strategy.timeout_s=<seconds>, not timeout=")
         super().__init__(timeout=timedelta(seconds=timeout_s), **kwargs)

@@ -21,6 +21,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from mcl_lightning.checkpointing import newest_checkpoint, resolve_ckpt_path
+from mcl_lightning.ddp import check_timeout_s
 from mcl_lightning.errors import ConfigError
 
 
@@ -47,6 +48,9 @@ def check_config(cfg: DictConfig) -> None:
             f"data.root={root} (or MCL_DATA_ROOT) is not a folder; fix the path, or create the folder "
             "(CIFAR is then downloaded into it when a network is there), or leave data.root unset to use "
             "the default data folder")
+    strategy = cfg.trainer.get("strategy")
+    if OmegaConf.is_dict(strategy) and "timeout_s" in strategy:
+        check_timeout_s(strategy.timeout_s)
     world = configured_world_size(cfg.trainer)
     if world:
         check_batch_divides(int(cfg.data.batch_size), world)
