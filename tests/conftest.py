@@ -47,13 +47,6 @@ FINISHED_RUN = [
 ]
 
 
-# 2 epochs of 8 steps, a step checkpoint every 2 steps (the last step of an epoch is left to the
-# epoch's own checkpoint, after validation).
-KILL_RUN = ["peers=2", "backbone=resnet20", "method.nce_k=32", "method.projection_dim=8", "data.batch_size=16",
-            "trainer.max_epochs=2", "trainer.limit_train_batches=8", "trainer.limit_val_batches=1",
-            "trainer.limit_test_batches=1", "trainer.enable_progress_bar=false", "checkpoint.every_n_steps=2"]
-
-
 def run_cli(module: str, *args: str, env: dict | None = None, timeout: int = 900, **kwargs):
     """``python -m <module> args...`` with captured text output."""
     import subprocess
@@ -69,6 +62,13 @@ def finished_run(data_root, tmp_path_factory) -> Path:
     proc = run_cli("mcl_lightning.train", *FINISHED_RUN, f"data.root={data_root}", f"hydra.run.dir={run_dir}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run_dir
+
+
+# 2 epochs of 8 steps, a step checkpoint every 2 steps (the last step of an epoch is left to the
+# epoch's own checkpoint, after validation).
+KILL_RUN = ["peers=2", "backbone=resnet20", "method.nce_k=32", "method.projection_dim=8", "data.batch_size=16",
+            "trainer.max_epochs=2", "trainer.limit_train_batches=8", "trainer.limit_val_batches=1",
+            "trainer.limit_test_batches=1", "trainer.enable_progress_bar=false", "checkpoint.every_n_steps=2"]
 
 
 def wait_for_checkpoint(proc, checkpoint: Path, step: int, timeout: float = 600) -> dict:

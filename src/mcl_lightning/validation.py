@@ -39,6 +39,9 @@ def check_config(cfg: DictConfig) -> None:
     if not lr > 0 or not 0.0 <= momentum < 1.0 or decay < 0:
         raise ConfigError(f"optim needs lr > 0, momentum in [0, 1) and weight_decay >= 0; got optim.lr={lr}, "
                           f"optim.momentum={momentum}, optim.weight_decay={decay}")
+    strategy = cfg.trainer.get("strategy")
+    if OmegaConf.is_dict(strategy) and "timeout_s" in strategy:
+        check_timeout_s(strategy.timeout_s)
     every = cfg.get("checkpoint", {}).get("every_n_steps", 0)
     if isinstance(every, bool) or not isinstance(every, int) or every < 0:
         raise ConfigError(f"checkpoint.every_n_steps must be an integer >= 0 (0: epoch ends only), got {every!r}")
@@ -48,9 +51,6 @@ def check_config(cfg: DictConfig) -> None:
             f"data.root={root} (or MCL_DATA_ROOT) is not a folder; fix the path, or create the folder "
             "(CIFAR is then downloaded into it when a network is there), or leave data.root unset to use "
             "the default data folder")
-    strategy = cfg.trainer.get("strategy")
-    if OmegaConf.is_dict(strategy) and "timeout_s" in strategy:
-        check_timeout_s(strategy.timeout_s)
     world = configured_world_size(cfg.trainer)
     if world:
         check_batch_divides(int(cfg.data.batch_size), world)
