@@ -98,3 +98,39 @@ def finished_run(data_root, tmp_path_factory) -> Path:
     proc = run_cli("mcl_lightning.train", *FINISHED_RUN, f"data.root={data_root}", f"hydra.run.dir={run_dir}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run_dir
+
+
+# 2 epochs of 8 steps, a step checkpoint every 2 steps (the last step of an epoch is left to the
+# epoch's own checkpoint, after validation).
+KILL_RUN = ["peers=2", "backbone=resnet20", "method.nce_k=32", "method.projection_dim=8", "data.batch_size=16",
+            "trainer.max_epochs=2", "trainer.limit_train_batches=8", "trainer.limit_val_batches=1",
+            "trainer.limit_test_batches=1", "trainer.enable_progress_bar=false", "checkpoint.every_n_steps=2"]
+
+
+def wait_for_checkpoint(proc, checkpoint: Path, step: int, timeout: float = 600) -> dict:
+    """Wait until ``checkpoint`` (replaced atomically) holds global step >= ``step``; returns it."""
+    import time
+
+    import torch
+
+    seen, deadline = None, time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        stamp = checkpoint.stat().st_mtime_ns if checkpoint.is_file() else None
+        if stamp is not None and stamp != seen:
+            seen = stamp
+            state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+            if state["global_step"] >= step:
+                return state
+        time.sleep(0.02)
+    raise AssertionError(f"no checkpoint at step >= {step}: {proc.poll()} {proc.stderr.read()[-2000:] if proc.stderr else ''}")
+
+
+def child_pids(pid: int) -> list[int]:
+    """The processes ``pid`` started (Linux /proc)."""
+    tasks = Path(f"/proc/{pid}/task")
+    return [int(c) for task in tasks.iterdir() for c in (task / "children").read_text().split()]
+
+
+def process_env(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(entry.decode(errors="replace").split("=", 1) for entry in raw if b"=" in entry)

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from mcl_lightning.ddp import DEFAULT_TIMEOUT_S
 from mcl_lightning.methods import OKDMethod
 from mcl_lightning.models import PeerNetwork, count_parameters
 from mcl_lightning.train import build_network
@@ -69,6 +71,8 @@ def test_every_trainer_option_composes(trainer):
     if "strategy" in cfg.trainer:  # DDP: the banks need broadcast_buffers off (see ddp.yaml)
         strategy = instantiate(cfg.trainer.strategy)
         assert strategy._ddp_kwargs["broadcast_buffers"] is False
+        # a lost rank ends the job after minutes, not PyTorch's 30 (tests/test_ddp_failures.py)
+        assert strategy._timeout == timedelta(seconds=DEFAULT_TIMEOUT_S) < timedelta(minutes=30)
     if cfg.trainer.accelerator in ("cpu", "auto"):
         assert instantiate(cfg.trainer, logger=False, enable_checkpointing=False) is not None
 

@@ -31,10 +31,12 @@ from mcl_lightning import validation
 from mcl_lightning.checkpointing import AtomicCheckpointIO, LastCheckpoint, remove_stale_temporaries, resolve_ckpt_path
 from mcl_lightning.errors import ConfigError, NonFiniteLossError, UserError
 from mcl_lightning.guards import NonFiniteLossGuard
+from mcl_lightning.lost_rank import LostRankError, lost_rank_error
 from mcl_lightning.methods import OKDMethod
 from mcl_lightning.models import PeerNetwork
 from mcl_lightning.perf import apply_perf
 from mcl_lightning.progress import LossTermsProgressBar
+from mcl_lightning.rank_stats import RankBatchNormStats
 from mcl_lightning.results import format_table, run_results, write_results
 from mcl_lightning.spec import method_spec
 from mcl_lightning.system import MONITOR, OKDSystem
@@ -72,6 +74,7 @@ def build(cfg: DictConfig, run_dir: Path, ckpt_path: Path | None) -> tuple[Any, 
     checkpoint_dir = ckpt_path.resolve().parent if ckpt_path else run_dir / "checkpoints"
     callbacks = {
         "guard": NonFiniteLossGuard(),  # runs before the checkpoint callbacks: a bad step is never saved
+        "rank_stats": RankBatchNormStats(),  # DDP: each rank's BatchNorm statistics in the checkpoints
         "lr": LearningRateMonitor(logging_interval="epoch"),
         "best": ModelCheckpoint(dirpath=checkpoint_dir, filename="best-epoch{epoch:03d}", auto_insert_metric_name=False,
                                 monitor=MONITOR, mode="max", enable_version_counter=False),
@@ -103,13 +106,28 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         remove_stale_temporaries(ckpt_path.parent)  # left by a writer that was killed
     try:
         trainer.fit(system, datamodule=datamodule, ckpt_path=ckpt_path)
-    except NonFiniteLossError as error:  # results.json records the failure; the last good checkpoint stays
-        finish(run_dir, run_results(cfg, system, trainer, datamodule, callbacks, error=error,
-                                   wall_time_s=time.monotonic() - started), trainer)
-        raise
-    trainer.test(system, datamodule=datamodule, verbose=False)  # the final weights
+        trainer.test(system, datamodule=datamodule, verbose=False)  # the final weights
+    except Exception as error:  # results.json records the failure; the last good checkpoint stays
+        failure = error if isinstance(error, NonFiniteLossError) else lost_rank(error, trainer)
+        if failure is None:
+            raise
+        # a lost rank: no plot, so that rank 0 is done before a launcher that saw the loss kills it
+        finish(run_dir, run_results(cfg, system, trainer, datamodule, callbacks, error=failure,
+                                   wall_time_s=time.monotonic() - started), trainer,
+               curves=not isinstance(failure, LostRankError))
+        if failure is error:
+            raise
+        raise failure from error
     wall_time_s = time.monotonic() - started
     return finish(run_dir, run_results(cfg, system, trainer, datamodule, callbacks, wall_time_s=wall_time_s), trainer)
+
+
+def lost_rank(error: Exception, trainer: L.Trainer) -> LostRankError | None:
+    """``error`` as a ``LostRankError`` if it is a DDP collective that lost another rank."""
+    if trainer.world_size < 2:
+        return None
+    return lost_rank_error(error, trainer.global_rank, trainer.world_size, getattr(trainer.strategy, "timeout_s", None),
+                           trainer.current_epoch, trainer.global_step)
 
 
 @rank_zero_only
@@ -119,19 +137,24 @@ def announce(cfg: DictConfig, run_dir: Path, ckpt_path: Path | None) -> None:
     print(f"resuming from: {ckpt_path}" if ckpt_path else "starting a new run", flush=True)
 
 
-def finish(run_dir: Path, results: dict[str, Any], trainer: L.Trainer) -> dict[str, Any]:
-    """results.json, the table and curves.png (rank zero)."""
+def finish(run_dir: Path, results: dict[str, Any], trainer: L.Trainer, curves: bool = True) -> dict[str, Any]:
+    """results.json, the table and (``curves``) curves.png (rank zero)."""
     if trainer.is_global_zero:
         path = write_results(run_dir / "results.json", results)
         print(format_table(results))
-        try:
-            from mcl_lightning.curves import plot_run
-
-            print(f"curves: {plot_run(run_dir)}")
-        except Exception as error:  # a plot must not cost the run's results
-            log.warning("curves.png not written: %s: %s", type(error).__name__, error)
-        print(f"results: {path}")
+        if curves:
+            plot_curves(run_dir)
+        print(f"results: {path}", flush=True)
     return results
+
+
+def plot_curves(run_dir: Path) -> None:
+    try:
+        from mcl_lightning.curves import plot_run
+
+        print(f"curves: {plot_run(run_dir)}")
+    except Exception as error:  # a plot must not cost the run's results
+        log.warning("curves.png not written: %s: %s", type(error).__name__, error)
 
 
 def _user_error(error: BaseException) -> Exception | None:
@@ -157,6 +180,9 @@ def _hydra_main(cfg: DictConfig) -> None:
         where = f" at epoch {stop.epoch}, step {stop.step}; checkpoint {stop.checkpoint}" if hasattr(stop, "step") else ""
         print(f"stopped by SIGTERM{where}. Relaunch the same command with ckpt_path=last to continue.", file=sys.stderr)
         sys.exit(143)
+    except LostRankError as error:  # another rank died or hung: one line, and the launcher sees a failure
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        sys.exit(1)
     except Exception as error:  # a person's mistake gets one clear line, a bug its traceback
         user_error = _user_error(error)
         if user_error is None:

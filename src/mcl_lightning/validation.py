@@ -21,6 +21,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from mcl_lightning.checkpointing import newest_checkpoint, resolve_ckpt_path
+from mcl_lightning.ddp import check_timeout_s
 from mcl_lightning.errors import ConfigError
 
 
@@ -38,6 +39,9 @@ def check_config(cfg: DictConfig) -> None:
     if not lr > 0 or not 0.0 <= momentum < 1.0 or decay < 0:
         raise ConfigError(f"optim needs lr > 0, momentum in [0, 1) and weight_decay >= 0; got optim.lr={lr}, "
                           f"optim.momentum={momentum}, optim.weight_decay={decay}")
+    strategy = cfg.trainer.get("strategy")
+    if OmegaConf.is_dict(strategy) and "timeout_s" in strategy:
+        check_timeout_s(strategy.timeout_s)
     every = cfg.get("checkpoint", {}).get("every_n_steps", 0)
     if isinstance(every, bool) or not isinstance(every, int) or every < 0:
         raise ConfigError(f"checkpoint.every_n_steps must be an integer >= 0 (0: epoch ends only), got {every!r}")
