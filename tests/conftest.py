@@ -47,6 +47,42 @@ FINISHED_RUN = [
 ]
 
 
+# Tiny settings for a real CLI training run: one epoch of three batches, two batches of validation and test.
+TINY = [
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=3",
+    "trainer.limit_val_batches=2",
+    "trainer.limit_test_batches=2",
+    "trainer.enable_progress_bar=false",
+    "data.eval_batch_size=64",
+]
+
+
+def tiny_training_run(run_dir: Path, data_root: Path, *overrides: str, terms: tuple[str, ...] = ()):
+    """``python -m mcl_lightning.train`` with TINY settings into ``run_dir``; asserts it finished and that
+    every loss term in ``terms`` was logged and finite. Returns (results.json, metrics.csv rows, process)."""
+    import csv
+    import json
+
+    proc = run_cli("mcl_lightning.train", f"data.root={data_root}", f"hydra.run.dir={run_dir}", *TINY, *overrides)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((run_dir / "results.json").read_text())
+    rows = list(csv.DictReader((run_dir / "csv" / "metrics.csv").open()))
+    for term in terms:
+        values = [float(r[f"train/loss/{term}"]) for r in rows if r.get(f"train/loss/{term}")]
+        assert values and all(v == v and abs(v) != float("inf") for v in values), term  # logged, finite
+    return results, rows, proc
+
+
+def only_error_line(proc) -> str:
+    """The one ``error:`` line of a refused CLI run (exit status 2, no traceback)."""
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, proc.stderr[-2000:]
+    return errors[0]
+
+
 def run_cli(module: str, *args: str, env: dict | None = None, timeout: int = 900, **kwargs):
     """``python -m <module> args...`` with captured text output."""
     import subprocess
@@ -78,3 +114,39 @@ def readme_commands(tag: str) -> list[tuple[str, list[str]]]:
         assert words[:2] == ["python", "-m"], line
         commands.append((words[2], words[3:]))
     return commands
+
+
+# 2 epochs of 8 steps, a step checkpoint every 2 steps (the last step of an epoch is left to the
+# epoch's own checkpoint, after validation).
+KILL_RUN = ["peers=2", "backbone=resnet20", "method.nce_k=32", "method.projection_dim=8", "data.batch_size=16",
+            "trainer.max_epochs=2", "trainer.limit_train_batches=8", "trainer.limit_val_batches=1",
+            "trainer.limit_test_batches=1", "trainer.enable_progress_bar=false", "checkpoint.every_n_steps=2"]
+
+
+def wait_for_checkpoint(proc, checkpoint: Path, step: int, timeout: float = 600) -> dict:
+    """Wait until ``checkpoint`` (replaced atomically) holds global step >= ``step``; returns it."""
+    import time
+
+    import torch
+
+    seen, deadline = None, time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        stamp = checkpoint.stat().st_mtime_ns if checkpoint.is_file() else None
+        if stamp is not None and stamp != seen:
+            seen = stamp
+            state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+            if state["global_step"] >= step:
+                return state
+        time.sleep(0.02)
+    raise AssertionError(f"no checkpoint at step >= {step}: {proc.poll()} {proc.stderr.read()[-2000:] if proc.stderr else ''}")
+
+
+def child_pids(pid: int) -> list[int]:
+    """The processes ``pid`` started (Linux /proc)."""
+    tasks = Path(f"/proc/{pid}/task")
+    return [int(c) for task in tasks.iterdir() for c in (task / "children").read_text().split()]
+
+
+def process_env(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(entry.decode(errors="replace").split("=", 1) for entry in raw if b"=" in entry)

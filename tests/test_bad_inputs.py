@@ -66,6 +66,8 @@ CASES = {
     "sgd momentum": (["optim.momentum=1.5"], ["momentum in [0, 1)", "optim.momentum=1.5"]),
     "batch vs devices": (["trainer=ddp_cpu", "data.batch_size=63"],
                          ["data.batch_size=63", "divisible by the number of devices (2)", "data.batch_size=62 or 64"]),
+    "ddp timeout<=0": (["trainer=ddp_cpu", "trainer.strategy.timeout_s=0"],
+                       ["trainer.strategy.timeout_s must be a number of seconds > 0, got 0"]),
     "missing data folder": (["data.root={root}/nowhere"], ["data.root={root}/nowhere", "is not a folder", "fix the path"]),
     "missing checkpoint": (["ckpt_path={root}/nope.ckpt"], ["ckpt_path={root}/nope.ckpt does not exist", "ckpt_path=last"]),
     "finished run dir": (["hydra.run.dir={finished}"],

@@ -8,12 +8,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import KILL_RUN, wait_for_checkpoint
 from mcl_lightning import checkpointing
 from mcl_lightning.checkpointing import atomic_save, newest_checkpoint, resolve_ckpt_path
 from mcl_lightning.data.resumable import ResumableOrderSampler
@@ -83,30 +83,15 @@ def test_ckpt_path_last_finds_the_newest_checkpoint(tmp_path):
         resolve_ckpt_path(str(folder / "empty"), tmp_path) if (folder / "empty").mkdir() is None else None
 
 
-# 2 epochs of 8 steps, a step checkpoint every 2 steps (the last step of an epoch is left to the
-# epoch's own checkpoint, after validation).
-KILL_RUN = ["peers=2", "backbone=resnet20", "method.nce_k=32", "method.projection_dim=8", "data.batch_size=16",
-            "trainer.max_epochs=2", "trainer.limit_train_batches=8", "trainer.limit_val_batches=1",
-            "trainer.limit_test_batches=1", "trainer.enable_progress_bar=false", "checkpoint.every_n_steps=2"]
-
-
 def _launch(*args: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "mcl_lightning.train", *args], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, env=os.environ.copy())
 
 
 def _signal_after_step(proc: subprocess.Popen, checkpoint: Path, step: int, signum: int) -> None:
-    """Send ``signum`` once ``checkpoint`` (replaced atomically) holds global step >= ``step``."""
-    seen, deadline = None, time.monotonic() + 600
-    while time.monotonic() < deadline and proc.poll() is None:
-        stamp = checkpoint.stat().st_mtime_ns if checkpoint.is_file() else None
-        if stamp is not None and stamp != seen:
-            seen = stamp
-            if torch.load(checkpoint, map_location="cpu", weights_only=True)["global_step"] >= step:
-                proc.send_signal(signum)
-                return
-        time.sleep(0.02)
-    raise AssertionError(f"no checkpoint at step >= {step}: {proc.poll()} {proc.stderr.read()[-2000:] if proc.stderr else ''}")
+    """Send ``signum`` once ``checkpoint`` holds global step >= ``step``."""
+    wait_for_checkpoint(proc, checkpoint, step)
+    proc.send_signal(signum)
 
 
 def test_run_killed_mid_epoch_then_resumed_equals_an_uninterrupted_run(tmp_path, data_root):

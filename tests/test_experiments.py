@@ -1,14 +1,14 @@
 """Every published recipe (`experiment=`): it composes, builds its model, and follows its source.
 
-Experiments live under conf/experiment/<dataset>/. Some need a method or a data config this library
-does not have yet (method=mutual_cl for the MCL (AAAI-22) rows, data=imagenet for ImageNet): those
-are composed with the missing group swapped for an existing one, so that everything else they set
-(backbone, peers, topology, recipe, reference) is still checked, and their full composition is
-skipped, naming what is missing, until the config exists.
+Experiments live under conf/experiment/<dataset>/. An experiment naming a method or data config that
+does not exist would be composed with the missing group swapped for an existing one, so that
+everything else it sets (backbone, peers, topology, recipe, reference) is still checked, and its
+full composition skipped, naming what is missing, until the config exists.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -134,6 +134,9 @@ def test_recipes_follow_the_repository_that_produced_the_number(experiment):
             assert method == "independent" and (cfg.peers, cfg.topology) == (2, "independent")
         else:
             assert method == "mutual_cl"
+            # winycg/MCL@236da2f main_cifar.py:49: --tau 0.1 since e81472e; the scripts pass none
+            assert (cfg.method.contrast, cfg.method.tau) == ("batch", 0.1)
+            assert cfg.method.logit_distill == name.startswith("mcl_x4_logit_kd_")
             n = 2 if name.startswith("mcl_x2_") else 4  # N = 2: independent networks, else branched
             assert (cfg.peers, cfg.topology) == (n, "independent" if n == 2 else "shared_trunk")
     elif method in ("dml", "cl_ilr", "one", "okddip"):  # main_cifar_<method>.py, method.md §10.2
@@ -146,6 +149,10 @@ def test_recipes_follow_the_repository_that_produced_the_number(experiment):
         assert (cfg.method.nce_k, cfg.method.tau, cfg.method.negatives_with_replacement) == (16384, 0.07, True)
     elif experiment.startswith("imagenet/mcl_"):  # winycg/MCL main_imagenet.py
         assert method == "mutual_cl" and chosen(experiment, "data") == "imagenet"
+        # the ImageNet loss (ContrastMemory), main_imagenet.py:56-59 defaults
+        m = cfg.method
+        assert (m.contrast, m.tau, m.neg_k, m.pos_k, m.bank_momentum) == ("bank", 0.07, 8192, 1, 0.5)
+        assert m.logit_distill == name.startswith("mcl_x4_logit_kd_")
         assert _recipe(cfg) == (256, 0.1, 1e-4, "multistep", 90) and list(cfg.optim.milestones) == [30, 60, 90]
         n = 2 if name.startswith("mcl_x2_") else 4
         assert (cfg.peers, cfg.topology) == (n, "independent" if n == 2 else "shared_trunk")
@@ -199,3 +206,27 @@ def test_the_proxy_study_has_every_variant_of_docs_results_on_one_recipe():
             assert cfg.method.alpha == alpha
         if beta is not None:
             assert (cfg.method.beta, cfg.method.nce_k, cfg.method.tau) == (beta, 256, 0.1)
+
+
+def test_mcl_recipes_compose_with_the_references_contrast():
+    """Issue 18: CIFAR at winycg/MCL's τ = 0.1 in-batch, every ImageNet recipe on the memory-bank variant."""
+    cfg = compose_experiment("cifar100/mcl_x2_resnet32")
+    assert (cfg.method.tau, cfg.method.contrast) == (0.1, "batch")
+    for experiment in [e for e in EXPERIMENTS if e.startswith("imagenet/mcl_x")]:
+        _, method = build(compose_experiment(experiment))
+        assert (method.contrast, method.tau, method.neg_k, method.pos_k) == ("bank", 0.07, 8192, 1), experiment
+        assert method.needs_train_labels and method.bank.negatives.replacement
+
+
+def test_every_cited_winycg_repository_names_its_commit():
+    """A stored copy of a reference file is not necessarily its newest version: each citation says which."""
+    cited = re.compile(r"winycg/[A-Za-z0-9_.-]*[A-Za-z0-9_-]")
+    sources = [*(CONF / "experiment").rglob("*.yaml"), *(CONF.parent / "docs" / "methods").glob("*.md")]
+    missing = []
+    for path in sources:
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if path.suffix == ".yaml" and "#" not in line and "source:" not in line:
+                continue
+            missing += [f"{path.name}:{number}" for m in cited.finditer(line)
+                        if not re.match(r"@[0-9a-f]{7,40}\b", line[m.end():])]
+    assert not missing, missing

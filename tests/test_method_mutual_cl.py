@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import copy
-import csv
-import json
 
 import pytest
 import torch
@@ -17,7 +15,7 @@ from mcl_lightning.models import PeerNetwork, PeerOutput, PeerSpec
 from mcl_lightning.train import build_network
 
 from conftest import attached
-from test_train import TINY, run_train
+from conftest import tiny_training_run
 
 TERMS = ("ce", "vcl", "soft_vcl", "icl", "soft_icl")
 
@@ -235,14 +233,7 @@ def test_defaults_and_config_errors():
 
 
 def _run_and_check(tmp_path, data_root, *overrides):
-    run_dir = tmp_path / "run"
-    proc = run_train("method=mutual_cl", f"data.root={data_root}", f"hydra.run.dir={run_dir}", *TINY, *overrides)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads((run_dir / "results.json").read_text())
-    rows = list(csv.DictReader((run_dir / "csv" / "metrics.csv").open()))
-    for term in TERMS:
-        values = [float(r[f"train/loss/{term}"]) for r in rows if r.get(f"train/loss/{term}")]
-        assert values and all(v == v for v in values), term  # logged, not NaN
+    results, rows, _ = tiny_training_run(tmp_path / "run", data_root, "method=mutual_cl", *overrides, terms=TERMS)
     return results, rows
 
 

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -15,21 +16,14 @@ from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from mcl_lightning.ddp import DEFAULT_TIMEOUT_S
 from mcl_lightning.methods import OKDMethod
 from mcl_lightning.models import PeerNetwork, count_parameters
 from mcl_lightning.train import build_network
 
+from conftest import TINY, tiny_training_run  # noqa: F401  (TINY: imported by other test files)
+
 CONF = Path(__file__).resolve().parents[1] / "conf"
-TINY = [
-    "trainer.max_epochs=1",
-    "trainer.limit_train_batches=3",
-    "trainer.limit_val_batches=2",
-    "trainer.limit_test_batches=2",
-    "trainer.enable_progress_bar=false",
-    "data.eval_batch_size=64",
-]
-
-
 def options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
 
@@ -82,6 +76,8 @@ def test_every_trainer_option_composes(trainer):
     if "strategy" in cfg.trainer:  # DDP: the banks need broadcast_buffers off (see ddp.yaml)
         strategy = instantiate(cfg.trainer.strategy)
         assert strategy._ddp_kwargs["broadcast_buffers"] is False
+        # a lost rank ends the job after minutes, not PyTorch's 30 (tests/test_ddp_failures.py)
+        assert strategy._timeout == timedelta(seconds=DEFAULT_TIMEOUT_S) < timedelta(minutes=30)
     if cfg.trainer.accelerator in ("cpu", "auto"):
         assert instantiate(cfg.trainer, logger=False, enable_checkpointing=False) is not None
 
@@ -161,11 +157,7 @@ def test_same_seed_through_the_entry_point_gives_identical_losses(tmp_path, data
 
 
 def test_train_entry_point_independent_on_real_data(tmp_path, data_root):
-    run_dir = tmp_path / "run"
-    proc = run_train("peers=4", "backbone=resnet20", "method=independent", f"data.root={data_root}",
-                     f"hydra.run.dir={run_dir}", *TINY)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads((run_dir / "results.json").read_text())
+    results, _, proc = tiny_training_run(tmp_path / "run", data_root, "peers=4", "backbone=resnet20", "method=independent")
     assert results["method"] == "independent" and results["peers"] == 4
     assert results["selection"] == "test-selected" and results["epochs_run"] == 1
     assert results["global_batch_size"] == 64 and results["learning_rate"] == 0.05 and results["seed"] == 0
@@ -333,23 +325,3 @@ def test_foundation_acceptance_command(tmp_path, data_root):
     results = json.loads((run_dir / "results.json").read_text())
     assert results["peers"] == 4 and {"peer3", "peer_mean", "ensemble"} <= set(results["final"])
     assert Path(results["checkpoints"]["last"]).is_file()
-
-
-def test_reproduce_command_plans_and_runs_with_tiny_limits(tmp_path, data_root):
-    """The one-GPU paper-recipe command, dry-run on CPU: probe, plan the epochs, train, reproduce.json."""
-    run_dir = tmp_path / "run"
-    proc = subprocess.run(
-        [sys.executable, "-m", "mcl_lightning.reproduce", "--minutes", "0.2", "--margin", "1", "--warmup-steps", "1",
-         "--probe-steps", "2", "trainer=cpu", "trainer.precision=bf16-mixed", f"data.root={data_root}",
-         f"hydra.run.dir={run_dir}", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
-         "trainer.limit_test_batches=1", "trainer.enable_progress_bar=false"],
-        capture_output=True, text=True, timeout=900,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    record = json.loads((run_dir / "reproduce.json").read_text())
-    results = json.loads((run_dir / "results.json").read_text())
-    assert record["epochs"] == results["epochs_run"] == 1 and record["probe_images_per_s"] > 0
-    assert results["method"] == "mcl_okd" and results["backbone"] == "resnet32" and results["peers"] == 4
-    assert results["config"]["method"]["nce_k"] == 256 and results["reference"]["top1_error"]["peer"] == 24.52
-    assert "trainer.max_epochs=1" in record["command"] and set(record["test_top1"]) == {"peer3", "peer_mean", "ensemble"}
-    assert results["config"]["data"]["device_resident"] and results["config"]["perf"]["channels_last"]  # the fast path

@@ -56,7 +56,9 @@ from torch import Tensor
 
 from mcl_lightning.contrast import NegativeSampler
 from mcl_lightning.data import CIFARDataModule, DeviceResidentLoader, normalize, random_crop_flip
-from mcl_lightning.errors import ConfigError
+from mcl_lightning.errors import ConfigError, UserError
+from mcl_lightning.evaluate import parse_overrides
+from mcl_lightning.validation import check_data_root
 from mcl_lightning.methods import OKDMethod, get_method, list_methods
 from mcl_lightning.methods.losses import cross_entropy_per_peer
 from mcl_lightning.models import PeerLayout, PeerNetwork, PeerSpec
@@ -114,6 +116,18 @@ def preset(name: str, device: str) -> list[Settings]:
         return [Settings(name="tiny", device=device, backbone="resnet20", peers=2, batch_size=8,
                          rows=("independent", "mcl_okd@64"), plain=("mcl_okd@64",), steps=2, warmup=1, repeats=1,
                          data_batches=4, data_k=(64,), memory_k=512, targets="none")]
+    if name == "gpu_headline":  # make gpu-evidence: the targets' rows only, in about 2.5 minutes
+        fast = dict(device=device, precision="bf16", compile="reduce-overhead", channels_last=True,
+                    device_resident=True, drop_last=True, steps=100, warmup=20, repeats=1, memory_k=0, plain=())
+        # fused vs loop eager (bf16): two compilations fewer, and eager is where fusing the peers matters
+        eager = {**fast, "compile": False, "topology": "independent", "batch_size": 256, "rows": ("independent",),
+                 "data_k": (), "targets": "none"}
+        return [
+            Settings(name="gpu_paper_batch64", rows=("mcl_okd@256",), data_k=(256,), targets="gpu", **fast),
+            Settings(name="gpu_batch256", batch_size=256, rows=("mcl_okd@256",), data_k=(), targets="gpu", **fast),
+            Settings(name="gpu_independent_loop_b256", **eager),
+            Settings(name="gpu_independent_fused_b256", fuse_peers=True, **eager),
+        ]
     if name == "gpu":
         fast = dict(device=device, precision="bf16", compile="reduce-overhead", channels_last=True,
                     device_resident=True, drop_last=True, steps=200, warmup=30, repeats=3, data_batches=400)
@@ -133,7 +147,7 @@ def preset(name: str, device: str) -> list[Settings]:
             Settings(name="gpu_compiled_method_b64", rows=("mcl_okd@256",), plain=(), memory_k=0, data_k=(),
                      compile_method=True, targets="none", **{**fast, "repeats": 2}),
         ]
-    raise ConfigError(f"unknown preset {name!r}: cpu, gpu or tiny")
+    raise ConfigError(f"unknown preset {name!r}: cpu, gpu, gpu_headline or tiny")
 
 
 @dataclass
@@ -737,8 +751,9 @@ def format_table(table: dict[str, Any]) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=("cpu", "gpu", "tiny"), default=None,
-                   help="cpu (default on CPU), gpu (default on CUDA: several tables), tiny (seconds)")
+    p.add_argument("--preset", choices=("cpu", "gpu", "gpu_headline", "tiny"), default=None,
+                   help="cpu (default on CPU), gpu (default on CUDA: several tables), gpu_headline (the GPU targets' "
+                        "rows, about 2.5 minutes), tiny (seconds)")
     p.add_argument("--tables", help="only these tables of the preset, by name, separated by ';'")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--data-root", default=os.environ.get("MCL_DATA_ROOT") or str(Path.cwd().parent / "shared" / "data"))
@@ -766,6 +781,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="OMP_WAIT_POLICY for CPU runs (restarts the process once to set it)")
     p.add_argument("--max-seconds", type=float, default=270.0, help="stop repeating (and profiling) past this")
     p.add_argument("--json", type=Path, default=None, help="write every figure and the settings here")
+    p.add_argument("data", nargs="*", metavar="data.<option>=<value>",
+                   help="CIFAR data module options, as for training: data.root=..., data.check_integrity=false")
     return p.parse_args(argv)
 
 
@@ -808,6 +825,32 @@ def _reexec_with_omp_policy(args: argparse.Namespace, argv: list[str] | None) ->
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """``python -m mcl_lightning.bench``: a person's mistake (bad option, missing or unreadable data) is
+    one line and exit status 2."""
+    try:
+        return run(argv)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+def data_module(args: argparse.Namespace, batch_size: int) -> CIFARDataModule:
+    """The CIFAR training data, ``--data-root`` or ``data.root=`` with any other ``data.*`` option."""
+    options = {"root": args.data_root, "download": False, **parse_overrides(args.data)}
+    check_data_root(options["root"])
+    for fixed in ("batch_size", "dataset"):
+        if fixed in options:
+            raise ConfigError(f"data.{fixed} is set by the benchmark's tables; use --batch-size (CIFAR-100 only)")
+    try:
+        dm = CIFARDataModule(batch_size=batch_size, **options)
+    except TypeError as error:  # an option CIFARDataModule does not have
+        raise ConfigError(f"{error}; the benchmark takes CIFARDataModule's options as data.<option>=<value>") from None
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
+
+
+def run(argv: list[str] | None = None) -> dict[str, Any]:
     started = time.monotonic()
     args = parse_args(argv)
     _reexec_with_omp_policy(args, argv)
@@ -825,9 +868,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
-    dm = CIFARDataModule(root=args.data_root, batch_size=tables[0].batch_size, download=False)
-    dm.prepare_data()
-    dm.setup("fit")
+    dm = data_module(args, tables[0].batch_size)
     deadline = started + args.max_seconds
     results: dict[str, Any] = {
         "device": args.device, "device_name": device_name(device), "torch_version": torch.__version__,

@@ -22,6 +22,7 @@ import torch
 from mcl_lightning.errors import ConfigError, UserError
 from mcl_lightning.results import nest_metrics, write_results
 from mcl_lightning.system import OKDSystem
+from mcl_lightning.validation import check_data_root
 
 DEFAULT_DATAMODULE = "mcl_lightning.data.cifar.CIFARDataModule"
 
@@ -41,6 +42,7 @@ def evaluate(path: str | Path, data_overrides: dict[str, Any] | None = None, acc
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path} does not exist; pass a checkpoint such as <run dir>/checkpoints/last.ckpt")
+    check_data_root((data_overrides or {}).get("root"))  # before loading anything
     checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     system = OKDSystem.from_checkpoint(path)
     datamodule = build_datamodule(checkpoint, data_overrides)

@@ -1,166 +1,348 @@
-"""The paper's recipe in a fixed wall-time budget: as many epochs of a shortened cosine schedule as fit.
+"""The paper's comparison on one device in a wall-time budget: ``python -m mcl_lightning.reproduce``.
 
-    python -m mcl_lightning.reproduce --minutes 8 data.root=../shared/data            # or: make reproduce-gpu
-    python -m mcl_lightning.reproduce --minutes 1 --probe-steps 3 trainer=cpu ...      # a CPU dry run
+    python -m mcl_lightning.reproduce --minutes 8 data.root=/path/to/data            # make reproduce-gpu
+    python -m mcl_lightning.reproduce --minutes 8 data.root=/copy data.check_integrity=false
+    python -m mcl_lightning.reproduce --minutes 2 --concurrency 1,2 --probe-steps 8 --no-fast-path \\
+        trainer=cpu trainer.limit_train_batches=2 ...                                 # a CPU dry run
 
-1. Probe: builds the run's exact network, method and data from the same config and times
-   ``--probe-steps`` training steps after ``--warmup-steps`` (images/s of the real step, data path
-   included).
-2. Plans: epochs E = how many (training + one validation pass) fit in the budget, less a margin for
-   start-up and the final test pass; the cosine schedule is then one cycle over E epochs.
-3. Trains: ``python -m mcl_lightning.train <recipe> trainer.max_epochs=E <your overrides>``, the
-   normal entry point (results.json, checkpoints, logs in its run directory), and writes
-   ``reproduce.json`` beside results.json: the probe's images/s, the plan, the measured wall time and
-   the training images/s, and the device.
+By default the matrix is the paper's ResNet-32 row: ``cifar100/mcl_okd_resnet32``,
+``cifar100/dml_resnet32`` and ``cifar100/baseline_resnet32``, each with its published recipe, seeds 0
+and 1, every run on the same number of epochs E of a one-cycle cosine schedule. Small CIFAR networks
+leave most of a large GPU idle, so the runs share the device, launched by Hydra's joblib launcher
+(``hydra/launcher=joblib``):
 
-The default recipe is the paper's ResNet-32 x 4 MCL-OKD row (``experiment=mcl_okd_cifar100_resnet32``)
-on one GPU in bf16 (``trainer=gpu``) with the training set resident on the GPU (``data.device_resident=true``)
-and channels_last. Extra arguments are Hydra overrides for both the probe and the run.
+1. **Probe**: for each concurrency c in ``--concurrency`` (default 1, 2, 4, 6), a multirun of c short
+   training jobs at once (the matrix's recipes in turn) measures each job's training images/s
+   (results.json ``throughput``) and the total.
+2. **Plan**: for each c, the epochs E that fit in what is left of ``--minutes`` when the runs are
+   handed out longest first to c workers (``mcl_lightning.study``); the c with the largest E wins.
+3. **Study**: ``python -m mcl_lightning.train -m hydra/launcher=joblib hydra.launcher.n_jobs=c
+   experiment=... seed=0,1 trainer.max_epochs=E``: each run's results.json, checkpoints and logs.
+4. **Summary**: ``reproduce.json`` (probe, plan, measured wall time and images/s per run, device,
+   package versions, gaps) and ``report.md`` / ``report.csv`` (``mcl_lightning.report``: published
+   numbers beside ours) with the gaps of the first recipe to each other (mean over seeds).
+
+Everything goes to ``--out`` (default ``outputs/reproduce/<date>_<time>``). Extra arguments are Hydra
+overrides for every run (``data.root=``, ``data.check_integrity=false``, ``trainer=cpu`` ...). On a GPU
+the fast path is added unless ``--no-fast-path``: bf16 (``trainer=gpu``), the training set resident
+on the GPU, channels_last (torch.compile stays off: its compile time would come out of the budget).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
+import platform
+import statistics
 import subprocess
 import sys
 import time
+from datetime import datetime
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import lightning as L
-import torch
-from hydra import compose, initialize_config_module
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
-
 from mcl_lightning.errors import ConfigError, UserError
-from mcl_lightning.system import OKDSystem
-from mcl_lightning.train import build_network
+from mcl_lightning.study import PAPER_MATRIX, costs_at, gaps, plan_epochs, probe_slots
 
-# bf16 (trainer=gpu) and the fastest data path: the training set resident on the device with augmentation
-# there, and channels_last. torch.compile is left off: its compile time would come out of the budget.
-DEFAULT_RECIPE = ["experiment=mcl_okd_cifar100_resnet32", "trainer=gpu", "data.device_resident=true",
-                  "perf.channels_last=true"]
-
-
-class _StepClock(L.Callback):
-    """Wall time from the start of step ``warmup`` to the end of the last step."""
-
-    def __init__(self, warmup: int) -> None:
-        self.warmup, self.start, self.end = warmup, None, None
-
-    def _sync(self, module: L.LightningModule) -> None:
-        if module.device.type == "cuda":
-            torch.cuda.synchronize(module.device)
-
-    def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, *_: Any) -> None:
-        if trainer.global_step == self.warmup:
-            self._sync(module)
-            self.start = time.perf_counter()
-
-    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *_: Any) -> None:
-        self._sync(module)
-        self.end = time.perf_counter()
+FAST_PATH = ["trainer=gpu", "data.device_resident=true", "perf.channels_last=true"]
+# What a probe job changes: a few steps, no validation, a one-batch test, a flat learning rate.
+PROBE_KEYS = ("trainer.max_steps", "trainer.max_epochs", "trainer.limit_train_batches", "trainer.limit_val_batches",
+              "trainer.limit_test_batches", "trainer.num_sanity_val_steps", "optim.scheduler", "seed")
+PACKAGES = ("torch", "torchvision", "lightning", "torchmetrics", "hydra-core", "omegaconf", "hydra-joblib-launcher",
+            "joblib", "numpy")
 
 
-def probe(overrides: list[str], warmup: int, steps: int) -> dict[str, Any]:
-    """Images/s of the configured training step (same network, method, data, precision, device)."""
+class StudyFailed(RuntimeError):
+    """A probe or the study's multirun failed (not a configuration mistake): exit status 1 with its log."""
+
+
+def override_key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def merged(base: list[str], user: list[str]) -> list[str]:
+    """``base`` overrides less those the user sets, then the user's (Hydra refuses a key set twice)."""
+    keys = {override_key(o) for o in user}
+    return [o for o in base if override_key(o) not in keys] + user
+
+
+def multirun(out: Path, log: Path, concurrency: int, sweep: list[str], overrides: list[str],
+             heartbeat: str, expected: int) -> int:
+    """One Hydra multirun of ``mcl_lightning.train`` on the joblib launcher; output to ``log``,
+    a progress line every 30 s. Returns the exit status."""
+    command = [sys.executable, "-m", "mcl_lightning.train", "-m", "hydra/launcher=joblib",
+               f"hydra.launcher.n_jobs={concurrency}", f"hydra.sweep.dir={out}", *sweep, *overrides]
+    log.parent.mkdir(parents=True, exist_ok=True)
+    start = time.monotonic()
+    with log.open("w") as stream:
+        stream.write(" ".join(command) + "\n")
+        stream.flush()
+        proc = subprocess.Popen(command, stdout=stream, stderr=subprocess.STDOUT)
+        while proc.poll() is None:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                done = len(list(out.glob("*/results.json")))
+                print(f"{heartbeat}: {done}/{expected} runs finished, {time.monotonic() - start:.0f} s", flush=True)
+    return proc.returncode
+
+
+def read_runs(folder: Path) -> dict[int, dict[str, Any]]:
+    """results.json of each job of a multirun, by job number (its position in the sweep)."""
+    runs = {}
+    for path in folder.glob("*/results.json"):
+        if path.parent.name.isdigit():
+            runs[int(path.parent.name)] = {**json.loads(path.read_text()), "_path": str(path)}
+    return runs
+
+
+def probe_level(out: Path, concurrency: int, experiments: list[str], overrides: list[str], steps: int) -> dict[str, Any]:
+    """``concurrency`` probe jobs at once; each job's images/s and the total."""
+    slots = probe_slots(experiments, concurrency)
+    folder = out / "probe" / f"c{concurrency}"
+    probe = [f"trainer.max_steps={steps}", "trainer.max_epochs=-1", "trainer.limit_train_batches=1.0",
+             "trainer.limit_val_batches=0", "trainer.limit_test_batches=1", "trainer.num_sanity_val_steps=0",
+             "optim.scheduler=constant", "seed=0"]
+    user = [o for o in overrides if override_key(o) not in PROBE_KEYS]
+    rc = multirun(folder, folder.with_suffix(".log"), concurrency, [f"experiment={','.join(slots)}"], user + probe,
+                  f"probe c={concurrency}", concurrency)
+    jobs, finished = [], read_runs(folder)
+    for slot, results in [(slot, finished[i]) for i, slot in enumerate(slots) if i in finished]:
+        t = results.get("throughput") or {}
+        jobs.append({"experiment": slot, "images_per_s": t.get("train_images_per_s"),
+                     "startup_s": round((results.get("wall_time_s") or 0) - (t.get("timed_seconds") or 0), 1),
+                     "train_dataset_size": t.get("train_dataset_size"), "val_dataset_size": t.get("val_dataset_size")})
+    ok = rc == 0 and len(jobs) == concurrency and all(j["images_per_s"] for j in jobs)
+    level = {"concurrency": concurrency, "jobs": jobs, "ok": ok, "log": str(folder.with_suffix(".log"))}
+    if ok:
+        level["total_images_per_s"] = round(sum(j["images_per_s"] for j in jobs), 1)
+    return level
+
+
+def run_plan(experiment: str, overrides: list[str], checked_data: set[str]) -> dict[str, Any]:
+    """Images per epoch and per evaluation pass of ``experiment`` as the study will run it, after the
+    checks a training run makes first (config, network, data folder and files), so that a mistake
+    stops the study before any training: one line, exit status 2."""
+    from hydra import compose, initialize_config_module
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from mcl_lightning.validation import preflight
+
     with initialize_config_module("mcl_lightning.conf", version_base="1.3"):
-        cfg = compose("train", overrides=overrides)
-    L.seed_everything(cfg.seed, verbose=False)
-    peers, method = build_network(cfg)
-    datamodule = instantiate(cfg.data)
-    optim = OmegaConf.to_container(cfg.optim, resolve=True)
-    optim["scheduler"] = "constant"  # the probe has no epochs to schedule over
-    system = OKDSystem(peers, method, num_classes=datamodule.num_classes, **optim)
-    clock = _StepClock(warmup)
-    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
-    trainer_cfg.update(max_steps=warmup + steps, max_epochs=-1, limit_val_batches=0, num_sanity_val_steps=0,
-                       enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
-    trainer = instantiate(trainer_cfg, logger=False, callbacks=[clock])
-    trainer.fit(system, datamodule=datamodule)
-    if clock.start is None or clock.end is None or clock.end <= clock.start:
-        raise ConfigError("the probe ran no timed step: raise --probe-steps or the data size")
-    seconds = clock.end - clock.start
-    return {
-        "images_per_s": steps * datamodule.batch_size / seconds,
-        "train_size": len(datamodule.train_labels),
-        "eval_size": _eval_size(datamodule),
-        "batch_size": datamodule.batch_size,
-        "device": _device_name(system.device),
+        cfg = compose("train", overrides=[f"experiment={experiment}", *overrides])
+    preflight(cfg, None)
+    data_key = OmegaConf.to_yaml(cfg.data, resolve=True)
+    if data_key not in checked_data:  # read the files once: missing, unreadable or altered data is named here
+        datamodule = instantiate(cfg.data)
+        datamodule.prepare_data()
+        datamodule.setup("fit")
+        checked_data.add(data_key)
+    return {"batch_size": int(cfg.data.batch_size), "eval_batch_size": int(cfg.data.get("eval_batch_size", 256)),
+            "drop_last": bool(cfg.data.get("drop_last", False)),
+            "limit_train_batches": cfg.trainer.get("limit_train_batches", 1.0),
+            "limit_val_batches": cfg.trainer.get("limit_val_batches", 1.0)}
+
+
+def versions() -> dict[str, str | None]:
+    found: dict[str, str | None] = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def device_info() -> dict[str, Any]:
+    import torch
+
+    if torch.cuda.is_available():
+        return {"device": torch.cuda.get_device_name(0), "cuda": torch.version.cuda,
+                "cudnn": torch.backends.cudnn.version(), "gpus": torch.cuda.device_count()}
+    from mcl_lightning.results import cpu_name
+
+    return {"device": f"CPU: {cpu_name()}", "cuda": None}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--minutes", type=float, default=8.0, help="wall-time budget of the whole command (probe included)")
+    p.add_argument("--margin", type=float, default=30.0, help="seconds kept for start-up of the study and its report")
+    p.add_argument("--experiments", default=",".join(PAPER_MATRIX),
+                   help="the matrix, comma-separated; the first is compared with each other one")
+    p.add_argument("--seeds", default="0,1", help="seeds of every recipe, comma-separated")
+    p.add_argument("--concurrency", default="1,2,4,6", help="concurrent runs to probe, comma-separated")
+    p.add_argument("--probe-steps", type=int, default=60, help="training steps of each probe job (the first 5 untimed)")
+    p.add_argument("--max-epochs", type=int, default=None, help="at most this many epochs, whatever fits")
+    p.add_argument("--out", type=Path, default=None, help="folder for everything (default outputs/reproduce/<time>)")
+    p.add_argument("--no-fast-path", action="store_true", help=f"do not add {' '.join(FAST_PATH)}")
+    p.add_argument("overrides", nargs="*", help="Hydra overrides for every run, e.g. data.root=... trainer=cpu")
+    args = p.parse_args(argv)
+    try:
+        args.experiments = [e for e in args.experiments.split(",") if e]
+        args.seeds = [int(s) for s in args.seeds.split(",") if s]
+        args.concurrency = sorted({int(c) for c in args.concurrency.split(",") if c})
+    except ValueError as error:
+        raise ConfigError(f"--seeds and --concurrency take whole numbers separated by commas ({error})") from None
+    if not args.experiments or not args.seeds or not args.concurrency or min(args.concurrency) < 1:
+        raise ConfigError("need at least one experiment, one seed and concurrency levels >= 1")
+    if args.probe_steps < 7:
+        raise ConfigError("--probe-steps must be at least 7 (5 warm-up steps are not timed)")
+    if max(args.concurrency) < len(args.experiments):
+        raise ConfigError(f"the largest --concurrency must be >= {len(args.experiments)}, the number of recipes, "
+                          "so that one probe level measures them all")
+    bad = [o for o in args.overrides if override_key(o) in ("experiment", "seed", "hydra.run.dir", "hydra.sweep.dir")]
+    if bad:
+        raise ConfigError(f"{' '.join(bad)}: use --experiments, --seeds and --out instead")
+    return args
+
+
+def probe_all(out: Path, args: argparse.Namespace, experiments: list[str], overrides: list[str],
+              runs_total: int) -> list[dict[str, Any]]:
+    """Every probe level that has runs enough to fill it; the smallest one must succeed."""
+    levels = []
+    for c in [c for c in args.concurrency if c <= max(runs_total, len(experiments))]:
+        level = probe_level(out, c, experiments, overrides, args.probe_steps)
+        levels.append(level)
+        total = f"{level['total_images_per_s']:.0f} images/s in all" if level["ok"] else f"failed (see {level['log']})"
+        print(f"probe c={c}: {total}", flush=True)
+        if not level["ok"] and c == min(args.concurrency):
+            raise StudyFailed(f"the probe with {c} run(s) failed; its log: {level['log']}")
+    return levels
+
+
+def choose_plan(levels: list[dict[str, Any]], experiments: list[str], plans: dict[str, dict[str, Any]], seeds: int,
+                budget: float, max_epochs: int | None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The plan of every probed concurrency, and the one with the most epochs (then the soonest done)."""
+    full = [lv for lv in levels if lv["ok"] and {j["experiment"] for j in lv["jobs"]} >= set(experiments)]
+    if not full:
+        raise StudyFailed("no probe level that ran every recipe succeeded; see the probe logs")
+    # speed ratios between the recipes, from the largest level that ran them all
+    reference = {e: statistics.mean(j["images_per_s"] for j in full[-1]["jobs"] if j["experiment"] == e)
+                 for e in experiments}
+    sizes = {j["experiment"]: j for lv in levels if lv["ok"] for j in lv["jobs"]}
+    options = []
+    for level in [lv for lv in levels if lv["ok"]]:
+        costs = costs_at(level, reference, experiments, plans, sizes)
+        epochs, span = plan_epochs(costs, seeds, level["concurrency"], budget, max_epochs)
+        options.append({"concurrency": level["concurrency"], "epochs": epochs, "predicted_s": round(span, 1),
+                        "order": sorted(experiments, key=lambda e: -costs[e].seconds(epochs)), "fits": span <= budget})
+    return options, max(options, key=lambda o: (o["fits"], o["epochs"], -o["predicted_s"]))
+
+
+def study(args: argparse.Namespace) -> dict[str, Any]:
+    started = time.monotonic()
+    import torch
+
+    fast = [] if args.no_fast_path or not torch.cuda.is_available() else FAST_PATH
+    overrides = merged(fast, list(args.overrides))
+    experiments, runs_total = args.experiments, len(args.experiments) * len(args.seeds)
+    checked: set[str] = set()
+    plans = {e: run_plan(e, overrides, checked) for e in experiments}  # a mistake stops here, before any training
+    out = args.out or Path("outputs/reproduce") / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    if (out / "reproduce.json").exists() or (out / "runs").exists():
+        raise ConfigError(f"--out {out} already holds a study; choose another folder")
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"study: {len(experiments)} recipes x {len(args.seeds)} seeds -> {out}", flush=True)
+
+    levels = probe_all(out, args, experiments, overrides, runs_total)
+    budget = args.minutes * 60 - (time.monotonic() - started) - args.margin
+    options, best = choose_plan(levels, experiments, plans, len(args.seeds), budget, args.max_epochs)
+    print(f"plan: {best['concurrency']} concurrent runs, {best['epochs']} epochs each, about {best['predicted_s']:.0f} s "
+          f"of {budget:.0f} s left", flush=True)
+
+    runs_dir = out / "runs"
+    study_start = time.monotonic()
+    rc = multirun(runs_dir, out / "runs.log", best["concurrency"],
+                  [f"experiment={','.join(best['order'])}", f"seed={','.join(map(str, args.seeds))}"],
+                  overrides + [f"trainer.max_epochs={best['epochs']}"], "study", runs_total)
+    study_wall = time.monotonic() - study_start
+    runs = read_runs(runs_dir)
+    order = [e for e in best["order"] for _ in args.seeds]  # the sweep's job order: experiment, then seed
+    by_experiment: dict[str, list[dict[str, Any]]] = {e: [] for e in experiments}
+    per_run = []
+    for name, results in [(name, runs[i]) for i, name in enumerate(order) if i in runs]:
+        by_experiment[name].append(results)
+        t = results.get("throughput") or {}
+        trained = (t.get("train_batches_per_epoch") or 0) * results["global_batch_size"] * results["epochs_run"]
+        per_run.append({"experiment": name, "seed": results["seed"], "status": results["status"],
+                        "epochs": results["epochs_run"], "wall_time_s": results["wall_time_s"],
+                        "train_images_per_s": t.get("train_images_per_s"),  # training steps only
+                        "trained_images": trained,
+                        "overall_images_per_s": round(trained / results["wall_time_s"], 1) if results["wall_time_s"] else None,
+                        "results": results["_path"]})
+    record = {
+        "matrix": {"experiments": experiments, "seeds": args.seeds}, "budget_minutes": args.minutes,
+        **device_info(), "versions": versions(), "overrides": overrides,
+        "probe": levels, "plan": {"options": options, "chosen": best, "budget_s": round(budget, 1)},
+        "study": {"exit_status": rc, "wall_s": round(study_wall, 1), "runs": per_run,
+                  # every image every run trained, over the study's wall time: the concurrent runs' total
+                  "images_per_s": round(sum(r["trained_images"] for r in per_run) / study_wall, 1)},
+        "gaps": gaps(by_experiment, experiments[0]) if rc == 0 else [],
+        "targets": targets(levels, best, torch.cuda.is_available()),
+        "wall_s": None,
     }
+    if runs:
+        from mcl_lightning.report import report
+
+        _, md, _ = report(runs_dir, out / "report")
+        md.write_text(md.read_text() + "\n" + gaps_markdown(record["gaps"]))
+        record["report"] = str(md)
+    record["wall_s"] = round(time.monotonic() - started, 1)
+    (out / "reproduce.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+    print(Path(record["report"]).read_text() if runs else "no run finished", flush=True)
+    for t in record["targets"]:
+        verdict = "not judged (no GPU)" if t["met"] is None else "MET" if t["met"] else "MISSED"
+        print(f"target {verdict}: {t['target']}: {t['value']} (goal {t['goal']})", flush=True)
+    print(f"{len(runs)}/{runs_total} runs, {best['epochs']} epochs each, in {record['wall_s'] / 60:.1f} min -> "
+          f"{out / 'reproduce.json'}", flush=True)
+    if rc != 0:
+        raise StudyFailed(f"the study's multirun exited with {rc}; its log: {out / 'runs.log'}")
+    return record
 
 
-def _eval_size(datamodule: L.LightningDataModule) -> int:
-    loader = datamodule.val_dataloader()
-    return len(loader.dataset) if hasattr(loader, "dataset") else 0
+def targets(levels: list[dict[str, Any]], chosen: dict[str, Any], on_gpu: bool) -> list[dict[str, Any]]:
+    """The study's targets (judged on a GPU only; elsewhere the figures are a dry run's)."""
+    solo = next((lv["total_images_per_s"] for lv in levels if lv["ok"] and lv["concurrency"] == 1), None)
+    shared = next((lv["total_images_per_s"] for lv in levels if lv["ok"] and lv["concurrency"] == chosen["concurrency"]), None)
+    out = [{"target": "at least 60 epochs for every run", "value": chosen["epochs"], "goal": 60}]
+    if solo and shared:
+        out.append({"target": "concurrent runs' total images/s >= 2x one run alone", "value": round(shared / solo, 2),
+                    "goal": 2.0})
+    for t in out:
+        t["met"] = t["value"] >= t["goal"] if on_gpu else None
+    return out
 
 
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU ({torch.get_num_threads()} threads)"
-
-
-def plan_epochs(minutes: float, images_per_s: float, train_size: int, eval_size: int, margin_s: float) -> int:
-    """Epochs of (train + validation) that fit in ``minutes`` less ``margin_s``, at least 1.
-
-    Evaluation is counted at 3x the training rate (forward only, no backward), plus one final
-    test pass inside the margin.
-    """
-    per_epoch = train_size / images_per_s + eval_size / (3 * images_per_s)
-    budget = minutes * 60 - margin_s - eval_size / (3 * images_per_s)
-    return max(1, math.floor(budget / per_epoch))
+def gaps_markdown(rows: list[dict[str, Any]]) -> str:
+    lines = ["| gap (deployed peer, test top-1, mean over seeds) | ours | published |", "| --- | ---: | ---: |"]
+    fmt = lambda v: "" if v is None else f"{v:+.2f}"  # noqa: E731
+    lines += [f"| {r['gap']} | {fmt(r['ours'])} | {fmt(r['published'])} |" for r in rows]
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--minutes", type=float, default=8.0, help="wall-time budget of the training run")
-    parser.add_argument("--margin", type=float, default=45.0, help="seconds kept for start-up and the test pass")
-    parser.add_argument("--warmup-steps", type=int, default=30)
-    parser.add_argument("--probe-steps", type=int, default=100)
-    parser.add_argument("--no-recipe", action="store_true", help=f"do not prepend {' '.join(DEFAULT_RECIPE)}")
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. data.root=... hydra.run.dir=...")
-    args = parser.parse_args(argv)
-    overrides = ([] if args.no_recipe else list(DEFAULT_RECIPE)) + args.overrides
+    from mcl_lightning.train import _user_error
+
     try:
-        probe_overrides = [o for o in overrides if not o.startswith("hydra.")]
-        measured = probe(probe_overrides, args.warmup_steps, args.probe_steps)
-    except UserError as error:
+        study(parse_args(argv))
+    except StudyFailed as error:
         print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
+    except Exception as error:  # a person's mistake (also inside Hydra's composition) is one line; a bug keeps its traceback
+        user = error if isinstance(error, UserError) else _user_error(error) or _composition_error(error)
+        if user is None:
+            raise
+        print(f"error: {' '.join(str(user).split())}", file=sys.stderr)
         sys.exit(2)
-    epochs = plan_epochs(args.minutes, measured["images_per_s"], measured["train_size"], measured["eval_size"],
-                         args.margin)
-    print(f"probe: {measured['images_per_s']:.0f} images/s on {measured['device']}; "
-          f"{epochs} epochs fit in {args.minutes:g} minutes", flush=True)
-    command = [sys.executable, "-m", "mcl_lightning.train", *overrides, f"trainer.max_epochs={epochs}"]
-    start = time.perf_counter()
-    proc = subprocess.run(command, capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    sys.stdout.write(proc.stdout[-4000:])
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stderr[-4000:])
-        sys.exit(proc.returncode)
-    results_path = Path(proc.stdout.rsplit("results: ", 1)[-1].split()[0])
-    results = json.loads(results_path.read_text())
-    record = {
-        "device": measured["device"],
-        "torch_version": torch.__version__,
-        "budget_minutes": args.minutes,
-        "probe_images_per_s": measured["images_per_s"],
-        "epochs": epochs,
-        "wall_s": wall,
-        "overall_images_per_s": epochs * measured["train_size"] / wall,  # whole run: evaluation and start-up included
-        "command": command[1:],
-        "results": str(results_path),
-        "test_top1": {name: results["test"].get(name, {}).get("top1")
-                      for name in (f"peer{results['peers'] - 1}", "peer_mean", "ensemble")},
-    }
-    out = results_path.with_name("reproduce.json")
-    out.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"{epochs} epochs in {wall / 60:.1f} min ({record['overall_images_per_s']:.0f} images/s overall) -> {out}")
+
+
+def _composition_error(error: Exception) -> Exception | None:
+    from hydra.errors import HydraException
+
+    return error if isinstance(error, HydraException) else None
 
 
 if __name__ == "__main__":

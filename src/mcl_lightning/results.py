@@ -98,6 +98,7 @@ def run_results(cfg: Any, system: Any, trainer: Any, datamodule: Any, callbacks:
         "selection": datamodule.selection_note,
         "wall_time_s": None if wall_time_s is None else round(wall_time_s, 1),
         "machine": machine(trainer),
+        "throughput": callbacks["throughput"].summary(trainer, datamodule) if "throughput" in callbacks else None,
         "final": summary["final"],
         "best": summary["best"],
         "best_epoch": summary["best_epoch"],
@@ -108,7 +109,8 @@ def run_results(cfg: Any, system: Any, trainer: Any, datamodule: Any, callbacks:
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
     if error is not None:
-        results["failure"] = {**(getattr(callbacks.get("guard"), "failure", None) or {}), "message": str(error)}
+        details = getattr(error, "failure", None) or getattr(callbacks.get("guard"), "failure", None) or {}
+        results["failure"] = {**details, "message": str(error)}
     return results
 
 
@@ -128,9 +130,13 @@ def backbone_name(peers: Any, cfg: Any) -> str:
 
 
 def write_results(path: str | Path, results: dict[str, Any]) -> Path:
+    """Written beside ``path`` and renamed over it: a process killed meanwhile (e.g. by DDP's launcher
+    after another rank died) leaves the previous file or none, never half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=2, sort_keys=False, default=str) + "\n")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(results, indent=2, sort_keys=False, default=str) + "\n")
+    os.replace(tmp, path)
     return path
 
 

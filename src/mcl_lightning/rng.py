@@ -28,6 +28,7 @@ __all__ = [
     "STREAM_BANK_INIT",
     "STREAM_NEGATIVES",
     "STREAM_POSITIVE",
+    "STREAM_SAME_CLASS",
     "STREAM_SELECT",
     "below",
     "below_int",
@@ -48,6 +49,7 @@ MASK32 = 0xFFFFFFFF
 STREAM_NEGATIVES = 0x6E656731  # negatives drawn with replacement / candidate pools
 STREAM_SELECT = 0x73656C31  # selection keys of the without-replacement sampler
 STREAM_POSITIVE = 0x706F7331  # the "relax" positive
+STREAM_SAME_CLASS = 0x73616D31  # extra same-class positives (mutual_cl's bank variant, pos_k)
 STREAM_AUGMENT = 0x61756731  # data augmentation (crops, flips)
 STREAM_BANK_INIT = 0x62616E31  # the seed of the memory banks' initial rows
 

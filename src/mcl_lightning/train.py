@@ -33,13 +33,16 @@ from mcl_lightning import validation
 from mcl_lightning.checkpointing import AtomicCheckpointIO, LastCheckpoint, remove_stale_temporaries, resolve_ckpt_path
 from mcl_lightning.errors import ConfigError, NonFiniteLossError, UserError
 from mcl_lightning.guards import NonFiniteLossGuard
+from mcl_lightning.lost_rank import LostRankError, lost_rank_error
 from mcl_lightning.methods import OKDMethod
 from mcl_lightning.models import PeerNetwork
 from mcl_lightning.perf import apply_perf
 from mcl_lightning.progress import LossTermsProgressBar
+from mcl_lightning.rank_stats import RankBatchNormStats
 from mcl_lightning.results import format_table, objective, run_results, write_results
 from mcl_lightning.spec import method_spec
 from mcl_lightning.system import MONITOR, OKDSystem
+from mcl_lightning.throughput import TrainThroughput
 from mcl_lightning.tracking import build_loggers, finish_trackers, log_config
 
 log = logging.getLogger("mcl_lightning")
@@ -75,10 +78,12 @@ def build(cfg: DictConfig, run_dir: Path, ckpt_path: Path | None) -> tuple[Any, 
     loggers = build_loggers(cfg.get("logger"))  # logger= (conf/logger/): default CSV + TensorBoard
     callbacks = {
         "guard": NonFiniteLossGuard(),  # runs before the checkpoint callbacks: a bad step is never saved
+        "rank_stats": RankBatchNormStats(),  # DDP: each rank's BatchNorm statistics in the checkpoints
         **({"lr": LearningRateMonitor(logging_interval="epoch")} if loggers else {}),  # it needs a logger
         "best": ModelCheckpoint(dirpath=checkpoint_dir, filename="best-epoch{epoch:03d}", auto_insert_metric_name=False,
                                 monitor=MONITOR, mode="max", enable_version_counter=False),
         "last": LastCheckpoint(checkpoint_dir, cfg.checkpoint.every_n_steps),  # after "best": its state included
+        "throughput": TrainThroughput(),  # results.json's training images/s (the study planner reads it)
     }
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks["progress"] = LossTermsProgressBar()
@@ -104,13 +109,28 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         remove_stale_temporaries(ckpt_path.parent)  # left by a writer that was killed
     try:
         trainer.fit(system, datamodule=datamodule, ckpt_path=ckpt_path)
-    except NonFiniteLossError as error:  # results.json records the failure; the last good checkpoint stays
-        finish(run_dir, run_results(cfg, system, trainer, datamodule, callbacks, error=error,
-                                   wall_time_s=time.monotonic() - started), trainer)
-        raise
-    trainer.test(system, datamodule=datamodule, verbose=False)  # the final weights
+        trainer.test(system, datamodule=datamodule, verbose=False)  # the final weights
+    except Exception as error:  # results.json records the failure; the last good checkpoint stays
+        failure = error if isinstance(error, NonFiniteLossError) else lost_rank(error, trainer)
+        if failure is None:
+            raise
+        # a lost rank: no plot, so that rank 0 is done before a launcher that saw the loss kills it
+        finish(run_dir, run_results(cfg, system, trainer, datamodule, callbacks, error=failure,
+                                   wall_time_s=time.monotonic() - started), trainer,
+               curves=not isinstance(failure, LostRankError))
+        if failure is error:
+            raise
+        raise failure from error
     wall_time_s = time.monotonic() - started
     return finish(run_dir, run_results(cfg, system, trainer, datamodule, callbacks, wall_time_s=wall_time_s), trainer)
+
+
+def lost_rank(error: Exception, trainer: L.Trainer) -> LostRankError | None:
+    """``error`` as a ``LostRankError`` if it is a DDP collective that lost another rank."""
+    if trainer.world_size < 2:
+        return None
+    return lost_rank_error(error, trainer.global_rank, trainer.world_size, getattr(trainer.strategy, "timeout_s", None),
+                           trainer.current_epoch, trainer.global_step)
 
 
 @rank_zero_only
@@ -120,23 +140,28 @@ def announce(cfg: DictConfig, run_dir: Path, ckpt_path: Path | None) -> None:
     print(f"resuming from: {ckpt_path}" if ckpt_path else "starting a new run", flush=True)
 
 
-def finish(run_dir: Path, results: dict[str, Any], trainer: L.Trainer) -> dict[str, Any]:
-    """results.json, the table and curves.png (rank zero), both also saved with the trackers' runs."""
+def finish(run_dir: Path, results: dict[str, Any], trainer: L.Trainer, curves: bool = True) -> dict[str, Any]:
+    """results.json, the table and (``curves``) curves.png (rank zero), both also saved with the trackers' runs."""
     if trainer.is_global_zero:
         path = write_results(run_dir / "results.json", results)
         print(format_table(results))
-        curves = None
-        if (run_dir / "csv" / "metrics.csv").is_file():  # logger= without the CSV logger: no curves
-            try:
-                from mcl_lightning.curves import plot_run
-
-                curves = plot_run(run_dir)
-                print(f"curves: {curves}")
-            except Exception as error:  # a plot must not cost the run's results
-                log.warning("curves.png not written: %s: %s", type(error).__name__, error)
-        finish_trackers(trainer.loggers, run_dir, [path] + ([curves] if curves else []))
-        print(f"results: {path}")
+        plot = plot_curves(run_dir) if curves and (run_dir / "csv" / "metrics.csv").is_file() else None
+        finish_trackers(trainer.loggers, run_dir, [path] + ([plot] if plot else []))
+        print(f"results: {path}", flush=True)
     return results
+
+
+def plot_curves(run_dir: Path) -> Path | None:
+    """curves.png from the CSV log (logger= without the CSV logger: none); a plot must not cost the run's results."""
+    try:
+        from mcl_lightning.curves import plot_run
+
+        path = plot_run(run_dir)
+        print(f"curves: {path}")
+        return path
+    except Exception as error:
+        log.warning("curves.png not written: %s: %s", type(error).__name__, error)
+        return None
 
 
 def _user_error(error: BaseException) -> Exception | None:
@@ -162,6 +187,9 @@ def _hydra_main(cfg: DictConfig) -> float:
         where = f" at epoch {stop.epoch}, step {stop.step}; checkpoint {stop.checkpoint}" if hasattr(stop, "step") else ""
         print(f"stopped by SIGTERM{where}. Relaunch the same command with ckpt_path=last to continue.", file=sys.stderr)
         sys.exit(143)
+    except LostRankError as error:  # another rank died or hung: one line, and the launcher sees a failure
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        sys.exit(1)
     except Exception as error:  # a person's mistake gets one clear line, a bug its traceback
         user_error = _user_error(error)
         if user_error is None:

@@ -21,6 +21,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from mcl_lightning.checkpointing import newest_checkpoint, resolve_ckpt_path
+from mcl_lightning.ddp import check_timeout_s
 from mcl_lightning.errors import ConfigError
 from mcl_lightning.tracking import check_loggers
 
@@ -39,19 +40,26 @@ def check_config(cfg: DictConfig) -> None:
     if not lr > 0 or not 0.0 <= momentum < 1.0 or decay < 0:
         raise ConfigError(f"optim needs lr > 0, momentum in [0, 1) and weight_decay >= 0; got optim.lr={lr}, "
                           f"optim.momentum={momentum}, optim.weight_decay={decay}")
+    strategy = cfg.trainer.get("strategy")
+    if OmegaConf.is_dict(strategy) and "timeout_s" in strategy:
+        check_timeout_s(strategy.timeout_s)
     every = cfg.get("checkpoint", {}).get("every_n_steps", 0)
     if isinstance(every, bool) or not isinstance(every, int) or every < 0:
         raise ConfigError(f"checkpoint.every_n_steps must be an integer >= 0 (0: epoch ends only), got {every!r}")
-    root = cfg.data.get("root")
+    check_data_root(cfg.data.get("root"))
+    world = configured_world_size(cfg.trainer)
+    if world:
+        check_batch_divides(int(cfg.data.batch_size), world)
+    check_loggers(cfg.get("logger"))
+
+
+def check_data_root(root: Any) -> None:
+    """A data.root that is not a folder is a typo, not a place to download into (train, bench, evaluate)."""
     if root is not None and not Path(str(root)).expanduser().is_dir():
         raise ConfigError(
             f"data.root={root} (or MCL_DATA_ROOT) is not a folder; fix the path, or create the folder "
             "(CIFAR is then downloaded into it when a network is there), or leave data.root unset to use "
             "the default data folder")
-    world = configured_world_size(cfg.trainer)
-    if world:
-        check_batch_divides(int(cfg.data.batch_size), world)
-    check_loggers(cfg.get("logger"))
 
 
 def configured_world_size(trainer: DictConfig) -> int | None:

@@ -2,7 +2,9 @@
 
 For every anchor: ``[positive, K negatives]`` bank indices. Negatives never share the anchor's
 class (the reference's ``cls_negative`` pools); the positive is the anchor itself (``exact``) or a
-random sample of its class (``relax``). The reference draws these per item with NumPy inside the
+random sample of its class (``relax``). With ``same_class=P`` (winycg/MCL's ImageNet ``pos_k``),
+P samples of the anchor's class, distinct, go between the two: ``[positive, P same-class, K
+negatives]``. The reference draws these per item with NumPy inside the
 dataset; here one vectorised draw per batch runs on the training device, with no host sync.
 
 The random numbers are keyed by ``(seed, step, dataset index)`` (:mod:`mcl_lightning.rng`), not by
@@ -102,14 +104,24 @@ class NegativeSampler(nn.Module):
             exceed the smallest negative pool.
         seed: the key of the random numbers; ``None`` takes the run's seed (``seed_everything``,
             see :func:`mcl_lightning.rng.run_seed`) at :meth:`bind`.
+        same_class: P extra columns after the positive, P distinct samples of the anchor's class
+            (uniform P-subset of the class, the anchor itself included, as winycg/MCL@236da2f
+            ``dataset/imagenet.py:69`` draws ``pos_k`` from ``cls_positive`` without replacement).
+        k_option: the option name the errors give for ``k`` (``method.nce_k``, ``method.neg_k``).
     """
 
-    def __init__(self, k: int, positive: str = "exact", replacement: bool = False, seed: int | None = None) -> None:
+    def __init__(self, k: int, positive: str = "exact", replacement: bool = False, seed: int | None = None,
+                 same_class: int = 0, k_option: str = "method.nce_k") -> None:
         super().__init__()
         if k < 1:
-            raise ConfigError(f"method.nce_k must be >= 1, got {k}")
+            raise ConfigError(f"{k_option} must be >= 1, got {k}")
+        if same_class < 0:
+            raise ConfigError(f"method.pos_k must be >= 0, got {same_class}")
         check_choice("method.positive", positive, POSITIVE_MODES)
         self.k, self.positive, self.replacement, self.seed = k, positive, replacement, seed
+        self.same_class, self.k_option = same_class, k_option
+        self.largest_class = 0
+        self.same_class_candidates = 0  # M of the sparse same-class draw (0: dense keys over the class)
         self.largest_pool = 0
         self.mode = "replacement" if replacement else "dense"
         self.num_candidates = 0  # M of the sparse path
@@ -130,10 +142,19 @@ class NegativeSampler(nn.Module):
         smallest = int(pool[counts > 0].min())
         if not self.replacement and self.k > smallest:
             raise ConfigError(
-                f"method.nce_k={self.k} exceeds the {smallest} negatives available to an anchor "
-                f"(training samples outside its class); lower method.nce_k or set "
+                f"{self.k_option}={self.k} exceeds the {smallest} negatives available to an anchor "
+                f"(training samples outside its class); lower {self.k_option} or set "
                 "method.negatives_with_replacement=true"
             )
+        smallest_class = int(counts[counts > 0].min())
+        if self.same_class > smallest_class:
+            raise ConfigError(
+                f"method.pos_k={self.same_class} exceeds the {smallest_class} training samples of the smallest "
+                f"class (same-class samples are drawn without replacement); lower method.pos_k"
+            )
+        self.largest_class = int(counts.max())
+        m = candidates_needed(self.same_class, smallest_class) if self.same_class > 1 else None
+        self.same_class_candidates = m if m is not None and 2 * m <= self.largest_class else 0
         self.order = torch.argsort(labels, stable=True)
         self.class_start = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
         self.largest_pool = int(pool.max())  # Python ints: sampling never reads them off the device
@@ -168,7 +189,26 @@ class NegativeSampler(nn.Module):
         else:
             h = rng.mix(row[:, 0], rng.STREAM_POSITIVE)
             positive = self.order.index_select(0, start + rng.below(h, count))
-        return torch.cat([positive[:, None], negatives], dim=1)
+        columns = [positive[:, None], negatives]
+        if self.same_class:
+            same = start[:, None] + self._same_class_positions(row, count)
+            columns.insert(1, self.order.index_select(0, same.reshape(-1)).view(same.shape))
+        return torch.cat(columns, dim=1)
+
+    def _same_class_positions(self, row: Tensor, count: Tensor) -> Tensor:
+        """(B, P) distinct positions in [0, count) per row: one keyed draw for P = 1; for larger P
+        the first P distinct of M keyed draws (memory B x M) or, when the class is small next to M,
+        the P smallest random keys over the class (memory B x largest class)."""
+        p = self.same_class
+        if p == 1 or self.same_class_candidates:
+            values = rng.below(self._slots(max(self.same_class_candidates, 1), rng.STREAM_SAME_CLASS, row),
+                               count[:, None])
+            return values if p == 1 else first_distinct(values, p, self.largest_class)
+        width = self.largest_class
+        position = torch.arange(width, device=row.device)
+        keys = self._slots(width, rng.STREAM_SAME_CLASS ^ 1, row) * width + position
+        keys.masked_fill_(position >= count[:, None], _BIG)
+        return keys.topk(p, dim=1, largest=False, sorted=False).indices
 
     def _slots(self, n: int, stream: int, row: Tensor) -> Tensor:
         """(B, n) 32-bit hashes of (row, stream, slot)."""

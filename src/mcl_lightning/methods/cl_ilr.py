@@ -17,11 +17,11 @@ import torch
 from torch import Tensor
 
 from mcl_lightning.contrast import float32_region
-from mcl_lightning.errors import ConfigError
 from mcl_lightning.methods.base import OKDMethod, register_method
 from mcl_lightning.methods.losses import cross_entropy_per_peer, distill_kl
 from mcl_lightning.models.peers import PeerLayout, PeerOutput
 from mcl_lightning.registry import check_choice
+from mcl_lightning.methods.options import check_kd_options
 
 SHARING = ("tree", "single")
 ENSEMBLES = ("all_but_last", "all")
@@ -73,10 +73,7 @@ class CLILR(OKDMethod):
         super().__init__()
         check_choice("method.sharing", sharing, SHARING)
         check_choice("method.ensemble", ensemble, ENSEMBLES)
-        if kd_temperature <= 0:
-            raise ConfigError(f"method.kd_temperature must be > 0, got {kd_temperature}")
-        if min(gamma, alpha) < 0:
-            raise ConfigError(f"loss weights must be >= 0, got gamma={gamma}, alpha={alpha}")
+        check_kd_options(kd_temperature, gamma=gamma, alpha=alpha)
         self.sharing, self.ensemble_peers = sharing, ensemble
         self.kd_temperature, self.gamma, self.alpha = kd_temperature, gamma, alpha
 

@@ -14,10 +14,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mcl_lightning.contrast import float32_region
-from mcl_lightning.errors import ConfigError
 from mcl_lightning.methods.base import OKDMethod, register_method
 from mcl_lightning.methods.losses import cross_entropy_per_peer
 from mcl_lightning.models.peers import PeerOutput
+from mcl_lightning.methods.options import check_kd_options
 
 
 def mutual_kl(logits: Tensor, temperature: float) -> Tensor:
@@ -49,10 +49,7 @@ class DML(OKDMethod):
 
     def __init__(self, kd_temperature: float = 2.0, gamma: float = 1.0, alpha: float = 1.0) -> None:
         super().__init__()
-        if kd_temperature <= 0:
-            raise ConfigError(f"method.kd_temperature must be > 0, got {kd_temperature}")
-        if min(gamma, alpha) < 0:
-            raise ConfigError(f"loss weights must be >= 0, got gamma={gamma}, alpha={alpha}")
+        check_kd_options(kd_temperature, gamma=gamma, alpha=alpha)
         self.kd_temperature, self.gamma, self.alpha = kd_temperature, gamma, alpha
 
     def forward(self, output: PeerOutput, labels: Tensor, indices: Tensor) -> dict[str, Tensor]:

@@ -23,3 +23,12 @@ def distill_kl(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
     log_p_teacher = F.log_softmax(teacher.float() / temperature, dim=-1)
     kl = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(-1)  # (..., B)
     return kl.mean(-1).sum() * temperature**2
+
+
+def row_kl(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
+    """``T^2 KL(softmax(teacher/T) || softmax(student/T))`` per matrix, batch mean over rows: (..., B, C) -> (...).
+
+    ``teacher`` is used as given (detach it first)."""
+    log_p = F.log_softmax(student / temperature, dim=-1)
+    log_q = F.log_softmax(teacher / temperature, dim=-1)
+    return (log_q.exp() * (log_q - log_p)).sum(-1).mean(-1) * temperature**2

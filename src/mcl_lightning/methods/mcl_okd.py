@@ -26,12 +26,12 @@ from mcl_lightning.contrast import (
     pairwise_logits,
 )
 from mcl_lightning.contrast.fused import Workspace, fused_multi_view_nce
-from mcl_lightning.errors import ConfigError
 from mcl_lightning.methods.base import OKDMethod, register_method
 from mcl_lightning.methods.losses import cross_entropy_per_peer, distill_kl
 from mcl_lightning.models.heads import ProjectionHead
 from mcl_lightning.models.peers import PeerOutput, PeerSpec
 from mcl_lightning.registry import check_choice
+from mcl_lightning.methods.options import check_kd_options, check_momentum, check_positive, check_projection_dim
 
 TEACHER_TARGETS = ("last", "all")
 BANK_SCORING = ("auto", "gather", "dense")
@@ -87,14 +87,10 @@ class MCLOKD(OKDMethod):
         super().__init__()
         check_choice("method.online_teacher_targets", online_teacher_targets, TEACHER_TARGETS)
         check_choice("method.bank_scoring", bank_scoring, BANK_SCORING)
-        if tau <= 0 or kd_temperature <= 0:
-            raise ConfigError(f"method.tau and method.kd_temperature must be > 0, got {tau} and {kd_temperature}")
-        if projection_dim < 1:
-            raise ConfigError(f"method.projection_dim must be >= 1, got {projection_dim}")
-        if not 0.0 <= bank_momentum < 1.0:
-            raise ConfigError(f"method.bank_momentum must be in [0, 1), got {bank_momentum}")
-        if min(gamma, alpha, beta) < 0:
-            raise ConfigError(f"loss weights must be >= 0, got gamma={gamma}, alpha={alpha}, beta={beta}")
+        check_positive(tau=tau)
+        check_kd_options(kd_temperature, gamma=gamma, alpha=alpha, beta=beta)
+        check_projection_dim(projection_dim)
+        check_momentum(bank_momentum)
         self.tau, self.eps, self.kd_temperature = tau, eps, kd_temperature
         self.online_teacher_targets = online_teacher_targets
         self.gamma, self.alpha, self.beta = gamma, alpha, beta

@@ -1,7 +1,8 @@
-"""Mutual Contrastive Learning (Yang, An, Cai, Xu, AAAI 2022), the CIFAR version of winycg/MCL
-(``main_cifar.py``, ``losses/cifar_sup_mcl_loss.py``).
+"""Mutual Contrastive Learning (Yang, An, Cai, Xu, AAAI 2022), winycg/MCL@236da2f: the CIFAR
+in-batch loss (``main_cifar.py``, ``losses/cifar_sup_mcl_loss.py``; ``contrast="batch"``, below) and
+the ImageNet memory-bank loss (``contrast="bank"``, :mod:`mcl_lightning.methods.mutual_cl_bank`).
 
-Every network has its own projection MLP, z_i = normalise(W2 relu(W1 h_i)) in R^128, and
+``contrast="batch"``: every network has its own projection MLP, z_i = normalise(W2 relu(W1 h_i)) in R^128, and
 s^{ij} = z_i z_j^T / tau is the (B, B) similarity of network i's anchors to network j's embeddings of
 the same batch. With P(b) = {c != b : y_c = y_b} (same class, the anchor itself excluded) and the
 denominator over every c != b (the same-instance column excluded, also across networks):
@@ -24,14 +25,17 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mcl_lightning.contrast import float32_region
-from mcl_lightning.errors import ConfigError
 from mcl_lightning.methods.base import OKDMethod, register_method
-from mcl_lightning.methods.losses import cross_entropy_per_peer, distill_kl
+from mcl_lightning.methods.losses import cross_entropy_per_peer, distill_kl, row_kl
+from mcl_lightning.methods.mutual_cl_bank import BankContrast, check_bank_options
 from mcl_lightning.models.peers import PeerLayout, PeerOutput, PeerSpec
+from mcl_lightning.registry import check_choice
+from mcl_lightning.methods.options import check_kd_options, check_positive, check_projection_dim
+
+CONTRAST_MODES = ("batch", "bank")
 
 
 class ProjectionMLP(nn.Module):
@@ -65,28 +69,21 @@ def supervised_contrastive(similarity: Tensor, labels: Tensor) -> Tensor:
     return -(mean_log_prob_pos * has_positive).sum(-1) / has_positive.sum().clamp(min=1)
 
 
-def row_kl(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
-    """``T^2 KL(softmax(teacher/T) || softmax(student/T))`` per matrix, batch mean over rows: (..., B, B) -> (...).
-
-    ``teacher`` is used as given (detach it first)."""
-    log_p = F.log_softmax(student / temperature, dim=-1)
-    log_q = F.log_softmax(teacher / temperature, dim=-1)
-    return (log_q.exp() * (log_q - log_p)).sum(-1).mean(-1) * temperature**2
-
-
 @register_method("mutual_cl")
 class MutualCL(OKDMethod):
-    """Mutual contrastive learning: in-batch supervised contrast within (VCL) and across (ICL) the
-    networks, and mutual KL between their contrastive distributions (soft VCL / soft ICL).
+    """Mutual contrastive learning: supervised contrast within (VCL) and across (ICL) the networks,
+    in-batch or against memory banks, and mutual KL between their contrastive distributions (soft
+    VCL / soft ICL).
 
-    Train it with class-balanced batches (``data.samples_per_class=2``, as the reference): with plain
-    shuffling many anchors have no same-class partner in the batch and drop out of VCL / ICL. Peers
-    may be different backbones (each has its own projection MLP from its own width).
+    With ``contrast="batch"``, train it with class-balanced batches (``data.samples_per_class=2``, as
+    the reference's CIFAR script): with plain shuffling many anchors have no same-class partner in the
+    batch and drop out of VCL / ICL. Peers may be different backbones (each has its own projection
+    MLP from its own width).
 
     Args:
         projection_dim: output width of the projection MLPs (reference feat_dim: 128).
-        tau: temperature of the contrastive distributions (the issue's 0.1; the reference CIFAR
-            script's default is 0.07, see docs/methods/mutual_cl.md).
+        tau: temperature of the contrastive distributions (winycg/MCL@236da2f: 0.1 in
+            ``main_cifar.py:49`` since e81472e, 0.07 in ``main_imagenet.py:58``).
         kd_temperature: T of soft VCL / soft ICL and of the logit distillation (reference kd_T: 3).
         alpha, gamma, beta, lam: weights of VCL, soft VCL, ICL and soft ICL (reference scripts:
             0.1, 1, 0.1, 1).
@@ -95,6 +92,10 @@ class MutualCL(OKDMethod):
         layout_peers: the N the entry point builds the peers for (the config passes ``${peers}``).
             The reference trains N = 2 as two independent networks and other N as branches of one
             network sharing stem and first stage; ``reference_layout`` follows it (``None``: shared).
+        contrast: ``batch`` (the CIFAR loss: the batch's own embeddings) or ``bank`` (the ImageNet
+            loss: per-network memory banks scored at [instance, pos_k same-class, neg_k others]).
+        pos_k, neg_k, bank_momentum: the bank variant's same-class and other-class samples per
+            anchor and bank momentum (reference: 1, 8192, 0.5); unused with ``contrast=batch``.
     """
 
     min_peers = 2
@@ -111,20 +112,25 @@ class MutualCL(OKDMethod):
         lam: float = 1.0,
         logit_distill: bool = False,
         layout_peers: int | Sequence[str] | None = None,
+        contrast: str = "batch",
+        pos_k: int = 1,
+        neg_k: int = 8192,
+        bank_momentum: float = 0.5,
     ) -> None:
         super().__init__()
-        if tau <= 0 or kd_temperature <= 0:
-            raise ConfigError(f"method.tau and method.kd_temperature must be > 0, got {tau} and {kd_temperature}")
-        if projection_dim < 1:
-            raise ConfigError(f"method.projection_dim must be >= 1, got {projection_dim}")
-        if min(alpha, gamma, beta, lam) < 0:
-            raise ConfigError(f"loss weights must be >= 0, got alpha={alpha}, gamma={gamma}, beta={beta}, lam={lam}")
+        check_choice("method.contrast", contrast, CONTRAST_MODES)
+        check_bank_options(pos_k, neg_k, bank_momentum)
+        check_positive(tau=tau)
+        check_kd_options(kd_temperature, alpha=alpha, gamma=gamma, beta=beta, lam=lam)
+        check_projection_dim(projection_dim)
         self.projection_dim, self.tau, self.kd_temperature = projection_dim, tau, kd_temperature
         self.alpha, self.gamma, self.beta, self.lam = alpha, gamma, beta, lam
         self.logit_distill = bool(logit_distill)
         if layout_peers is not None and not isinstance(layout_peers, int):
             layout_peers = len(list(layout_peers))  # backbone names: one peer per name
         self.layout_peers = layout_peers
+        self.contrast, self.pos_k, self.neg_k, self.bank_momentum = contrast, pos_k, neg_k, bank_momentum
+        self.needs_train_labels = contrast == "bank"  # one bank row per training sample, class-aware draws
 
     @property
     def reference_layout(self) -> PeerLayout:  # winycg/MCL models: *_n for N = 2, *_b otherwise
@@ -132,15 +138,25 @@ class MutualCL(OKDMethod):
 
     def build(self, spec: PeerSpec) -> None:
         self.heads = nn.ModuleList(ProjectionMLP(c, self.projection_dim) for c in spec.feature_dims)
+        if self.contrast == "bank":
+            self.bank = BankContrast(spec.num_peers, self.projection_dim, self.pos_k, self.neg_k,
+                                     self.bank_momentum, self.tau, self.kd_temperature)
+
+    def setup_data(self, train_labels: Tensor) -> None:
+        if self.contrast == "bank":
+            self.bank.setup_data(train_labels)
 
     def embed(self, features: Sequence[Tensor]) -> Tensor:
         """(N, B, D) normalised embeddings, one projection MLP per network."""
         return torch.stack([head(f.float()) for head, f in zip(self.heads, features)])
 
-    def contrastive_terms(self, features: Sequence[Tensor], labels: Tensor) -> dict[str, Tensor]:
-        """Unweighted VCL, soft VCL, ICL and soft ICL, each summed over networks / ordered pairs."""
+    def contrastive_terms(self, features: Sequence[Tensor], labels: Tensor, indices: Tensor) -> dict[str, Tensor]:
+        """Unweighted VCL, soft VCL, ICL and soft ICL, each summed over networks / ordered pairs
+        (``contrast=bank``: against the memory banks, which are then updated)."""
         with float32_region(labels.device):
             z = self.embed(features)
+            if self.contrast == "bank":
+                return self.bank(z, labels, indices)
             n = z.shape[0]
             # s[i, j] = z_i z_j^T / tau: every (anchor network, contrast network) pair in one product
             s = torch.einsum("ibd,jcd->ijbc", z, z) / self.tau  # (N, N, B, B)
@@ -165,7 +181,7 @@ class MutualCL(OKDMethod):
             return distill_kl(students, teacher, self.kd_temperature)
 
     def forward(self, output: PeerOutput, labels: Tensor, indices: Tensor) -> dict[str, Tensor]:
-        terms = self.contrastive_terms(output.features, labels)
+        terms = self.contrastive_terms(output.features, labels, indices)
         losses = {
             "ce": cross_entropy_per_peer(output.logits, labels).sum(),
             "vcl": self.alpha * terms["vcl"],

@@ -27,7 +27,8 @@ from mcl_lightning.contrast import float32_region
 from mcl_lightning.errors import ConfigError
 from mcl_lightning.methods.base import OKDMethod, register_method
 from mcl_lightning.methods.losses import cross_entropy_per_peer, distill_kl
-from mcl_lightning.methods.one import check_kd_options, sigmoid_rampup
+from mcl_lightning.methods.one import sigmoid_rampup
+from mcl_lightning.methods.options import check_kd_options
 from mcl_lightning.models.peers import PeerLayout, PeerOutput, PeerSpec
 
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mcl_lightning.contrast import float32_region
-from mcl_lightning.errors import ConfigError
+from mcl_lightning.methods.options import check_kd_options
 from mcl_lightning.methods.base import OKDMethod, register_method
 from mcl_lightning.methods.losses import cross_entropy_per_peer, distill_kl
 from mcl_lightning.models.peers import PeerLayout, PeerOutput, PeerSpec
@@ -36,18 +36,6 @@ def sigmoid_rampup(epoch: float, length: float) -> float:
         return 1.0
     phase = 1.0 - min(max(float(epoch), 0.0), float(length)) / float(length)
     return math.exp(-5.0 * phase * phase)
-
-
-def check_kd_options(kd_temperature: float, rampup_epochs: float, **weights: float) -> None:
-    """ConfigError unless T > 0, the ramp length >= 0 and every loss weight >= 0."""
-    if not kd_temperature > 0:
-        raise ConfigError(f"method.kd_temperature must be > 0, got {kd_temperature}")
-    if not rampup_epochs >= 0:
-        raise ConfigError(f"method.rampup_epochs must be >= 0 (0 = no ramp), got {rampup_epochs}")
-    negative = {name: value for name, value in weights.items() if not value >= 0}
-    if negative:
-        listed = ", ".join(f"method.{name}={value}" for name, value in negative.items())
-        raise ConfigError(f"loss weights must be >= 0, got {listed}")
 
 
 class ONEGate(nn.Module):

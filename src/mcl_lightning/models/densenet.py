@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from mcl_lightning.models.registry import StagedBackbone, register_backbone
+from mcl_lightning.models.registry import StagedBackbone, bn_relu_pool, dense_stages, register_backbone
 
 
 class DenseLayer(nn.Module):
@@ -50,18 +50,12 @@ def _transition(in_planes: int, out_planes: int) -> nn.Sequential:
 
 def densenet_bc(growth: int, blocks: tuple[int, int, int], num_classes: int, init_features: int = 24,
                 compression: float = 0.5) -> StagedBackbone:
-    stages: list[nn.Module] = [nn.Conv2d(3, init_features, 3, 1, 1, bias=False)]
-    c = init_features
-    for i, layers in enumerate(blocks):
-        block = _dense_block(c, layers, growth)
-        c += layers * growth
-        if i < len(blocks) - 1:
-            out = int(c * compression)
-            stages.append(nn.Sequential(block, _transition(c, out)))
-            c = out
-        else:
-            stages.append(block)
-    pool = nn.Sequential(nn.BatchNorm2d(c), nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
+    def block(stage: int, c: int) -> tuple[nn.Module, int]:
+        return _dense_block(c, blocks[stage], growth), c + blocks[stage] * growth
+
+    stem = nn.Conv2d(3, init_features, 3, 1, 1, bias=False)
+    stages, c = dense_stages(stem, init_features, len(blocks), block, _transition, compression)
+    pool = bn_relu_pool(c)
     classifier = nn.Linear(c, num_classes)
     model = StagedBackbone(stages, pool, classifier, c, branch_point=2)
     for m in model.modules():  # the reference's init: conv Kaiming-normal (fan_in), BN 1 / 0, Linear bias 0

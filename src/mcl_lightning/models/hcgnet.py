@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from mcl_lightning.models.registry import StagedBackbone, register_backbone
+from mcl_lightning.models.registry import StagedBackbone, bn_relu_pool, dense_stages, register_backbone
 
 
 class PreActConv(nn.Sequential):
@@ -122,19 +122,13 @@ class Transition(nn.Module):
 
 def hcgnet(growth: tuple[int, int, int], blocks: tuple[int, int, int], num_classes: int,
            theta: float = 0.5) -> StagedBackbone:
-    c = 2 * growth[0]
-    stages: list[nn.Module] = [nn.Conv2d(3, c, 3, 1, 1, bias=False)]
-    for i, (g, layers) in enumerate(zip(growth, blocks)):
-        block = nn.Sequential(*[SMG(c + j * g, g) for j in range(layers)])
-        c += layers * g
-        if i < len(blocks) - 1:
-            out = int(c * theta)
-            stages.append(nn.Sequential(block, Transition(c, out)))
-            c = out
-        else:
-            stages.append(block)
-    pool = nn.Sequential(nn.BatchNorm2d(c), nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
-    return StagedBackbone(stages, pool, nn.Linear(c, num_classes), c, branch_point=2)
+    def block(stage: int, c: int) -> tuple[nn.Module, int]:
+        g, layers = growth[stage], blocks[stage]
+        return nn.Sequential(*[SMG(c + j * g, g) for j in range(layers)]), c + layers * g
+
+    stem = nn.Conv2d(3, 2 * growth[0], 3, 1, 1, bias=False)
+    stages, c = dense_stages(stem, 2 * growth[0], len(blocks), block, Transition, theta)
+    return StagedBackbone(stages, bn_relu_pool(c), nn.Linear(c, num_classes), c, branch_point=2)
 
 
 @register_backbone("hcgnet_a1")

@@ -65,6 +65,29 @@ BackboneFactory = Callable[..., StagedBackbone]
 BACKBONES: Registry[BackboneFactory] = Registry("backbone", example="backbone=resnet32")
 
 
+def dense_stages(stem: nn.Module, channels: int, num_stages: int, make_block: Callable[[int, int], tuple[nn.Module, int]],
+                 make_transition: Callable[[int, int], nn.Module], compression: float) -> tuple[list[nn.Module], int]:
+    """A densely connected network's stages: the stem, then per stage ``make_block(stage, channels)``
+    (the block and its output width), followed by ``make_transition(width, int(width * compression))``
+    after every stage but the last. Returns the stages and the final width. Modules are created in
+    that order, so seeded initialisation does not depend on who calls this."""
+    stages: list[nn.Module] = [stem]
+    for i in range(num_stages):
+        block, channels = make_block(i, channels)
+        if i < num_stages - 1:
+            out = int(channels * compression)
+            stages.append(nn.Sequential(block, make_transition(channels, out)))
+            channels = out
+        else:
+            stages.append(block)
+    return stages, channels
+
+
+def bn_relu_pool(channels: int) -> nn.Sequential:
+    """The pre-activation networks' head before the classifier: BN, ReLU, global average pool, flatten."""
+    return nn.Sequential(nn.BatchNorm2d(channels), nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
+
+
 def register_backbone(name: str) -> Callable[[BackboneFactory], BackboneFactory]:
     """Decorator: register ``fn(num_classes=..., **kwargs) -> StagedBackbone`` under ``name``."""
     return BACKBONES.register(name)

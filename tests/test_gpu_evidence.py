@@ -1,0 +1,59 @@
+"""`make gpu-evidence` on the CPU with tiny limits: the benchmark's headline tables, the probe, the plan,
+the 3 recipes x 2 seeds study, reproduce.json and the report, through the very Make target a GPU lease
+runs (with PY= the interpreter, as `PY=python3` on a machine without .venv)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from mcl_lightning import bench
+from mcl_lightning.study import PAPER_MATRIX
+
+from test_entry_points import reencoded_root  # noqa: F401  (the fixture)
+
+SHRUNK_BENCH = ("--backbone resnet8 --peers 2 --batch-size 8 --steps 1 --warmup 1 --repeats 1 --data-batches 1 "
+                "--compile-backend aot_eager")
+TINY_STUDY = ("trainer=cpu backbone=resnet8 data.check_integrity=false trainer.limit_train_batches=2 "
+              "trainer.limit_val_batches=1 trainer.limit_test_batches=1 trainer.enable_progress_bar=false")
+
+
+def test_make_gpu_evidence_dry_run_on_cpu(reencoded_root, tmp_path):  # noqa: F811
+    out = tmp_path / "evidence"
+    args = (f"--minutes 4 --device cpu --bench-seconds 600 --bench-args '{SHRUNK_BENCH}' "
+            "--reproduce-args '--concurrency 1,3 --probe-steps 7 --max-epochs 1'")
+    proc = subprocess.run(["make", "-s", "gpu-evidence", f"PY={sys.executable}", f"EVIDENCE={out}",
+                           f"DATA_ROOT={reencoded_root}", f"DATA_OPTS={TINY_STUDY}", f"GPU_EVIDENCE_ARGS={args}"],
+                          capture_output=True, text=True, timeout=900, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
+    evidence = json.loads((out / "evidence.json").read_text())
+    assert evidence["bench"]["exit_status"] == 0 and evidence["study"]["exit_status"] == 0
+
+    figures = json.loads((out / "bench.json").read_text())
+    tables = {t["settings"]["name"]: t for t in figures["tables"]}
+    assert list(tables) == [s.name for s in bench.preset("gpu_headline", "cpu")]
+    for name, table in tables.items():
+        assert "error" not in table and table["rows"], name
+        assert table["rows"][0]["name"].startswith("floor")
+    assert {r["name"] for r in tables["gpu_paper_batch64"]["rows"]} >= {"mcl_okd K=256"}
+    assert tables["gpu_independent_fused_b256"]["settings"]["fuse_peers"]
+    assert "fused_vs_loop" in figures
+
+    record = json.loads((out / "study" / "reproduce.json").read_text())
+    assert [lv["concurrency"] for lv in record["probe"]] == [1, 3] and all(lv["ok"] for lv in record["probe"])
+    assert record["plan"]["chosen"]["epochs"] == 1 and record["plan"]["chosen"]["concurrency"] in (1, 3)
+    runs = record["study"]["runs"]
+    assert sorted((r["experiment"], r["seed"]) for r in runs) == sorted((e, s) for e in PAPER_MATRIX for s in (0, 1))
+    assert all(r["status"] == "finished" and r["epochs"] == 1 for r in runs)
+    assert {"torch", "lightning", "hydra-core", "hydra-joblib-launcher"} <= set(record["versions"])
+    assert [g["gap"] for g in record["gaps"]] == [f"{PAPER_MATRIX[0]} - {PAPER_MATRIX[1]}",
+                                                 f"{PAPER_MATRIX[0]} - {PAPER_MATRIX[2]}"]
+    assert record["gaps"][0]["published"] == 0.40 and record["gaps"][1]["published"] == 4.39
+    report = (out / "study" / "report.md").read_text()
+    for method in ("mcl_okd", "dml", "independent"):
+        row = next(line for line in report.splitlines() if line.startswith(f"| {method} |"))
+        assert "(2)" in row, row  # two seeds in every row
+    assert "gap (deployed peer" in report
+    assert not list((out / "study").rglob("*.ckpt"))  # nothing too large to commit
