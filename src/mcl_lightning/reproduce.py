@@ -324,7 +324,7 @@ def gaps_markdown(rows: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from mcl_lightning.train import _user_error
+    from mcl_lightning.validation import user_error
 
     try:
         study(parse_args(argv))
@@ -332,7 +332,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
     except Exception as error:  # a person's mistake (also inside Hydra's composition) is one line; a bug keeps its traceback
-        user = error if isinstance(error, UserError) else _user_error(error) or _composition_error(error)
+        user = error if isinstance(error, UserError) else user_error(error) or _composition_error(error)
         if user is None:
             raise
         print(f"error: {' '.join(str(user).split())}", file=sys.stderr)

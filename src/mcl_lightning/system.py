@@ -22,6 +22,7 @@ from mcl_lightning.methods.base import OKDMethod
 from mcl_lightning.metrics import PeerMetrics
 from mcl_lightning.models.peers import PeerNetwork, PeerOutput
 from mcl_lightning.spec import build_method, method_spec
+from mcl_lightning.validation import state_differences
 
 SCHEDULERS = ("cosine", "multistep", "constant")
 MONITOR = "val/best_peer/top1"  # checkpoints select on the best peer's validation top-1
@@ -176,7 +177,6 @@ class OKDSystem(L.LightningModule):
         checkpoint["rng_states"] = rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        from mcl_lightning.validation import state_differences  # validation imports the entry point
 
         # After setup (banks sized for this data), before the weights load: a mismatch is one clear message.
         diffs = state_differences(checkpoint["state_dict"], self.state_dict())

@@ -19,23 +19,20 @@ from typing import Any
 import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import (ConfigCompositionException, InstantiationException, MissingConfigException,
-                          OverrideParseException)
+from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from mcl_lightning import validation
+from mcl_lightning.build import build_network, data_options
 from mcl_lightning.checkpointing import AtomicCheckpointIO, LastCheckpoint, remove_stale_temporaries, resolve_ckpt_path
-from mcl_lightning.errors import ConfigError, NonFiniteLossError, UserError
+from mcl_lightning.errors import NonFiniteLossError
 from mcl_lightning.guards import NonFiniteLossGuard
 from mcl_lightning.lost_rank import LostRankError, lost_rank_error
-from mcl_lightning.methods import OKDMethod
-from mcl_lightning.models import PeerNetwork
 from mcl_lightning.perf import apply_perf
 from mcl_lightning.progress import LossTermsProgressBar
 from mcl_lightning.rank_stats import RankBatchNormStats
@@ -46,19 +43,6 @@ from mcl_lightning.throughput import TrainThroughput
 from mcl_lightning.tracking import build_loggers, finish_trackers, log_config
 
 log = logging.getLogger("mcl_lightning")
-
-
-def build_network(cfg: DictConfig) -> tuple[PeerNetwork, OKDMethod]:
-    """The method (options only), then the peers with its reference layout unless ``topology=`` /
-    ``backbone.branch_point=`` say otherwise, then the method attached to them (checks first)."""
-    method = instantiate(cfg.method)
-    peers = instantiate(cfg.model, layout=method.reference_layout)
-    method.attach(peers.spec())
-    return peers, method
-
-
-def data_options(cfg: DictConfig) -> dict[str, Any]:
-    return OmegaConf.to_container(cfg.data, resolve=True)
 
 
 def build(cfg: DictConfig, run_dir: Path, ckpt_path: Path | None) -> tuple[Any, OKDSystem, L.Trainer, dict]:
@@ -164,21 +148,6 @@ def plot_curves(run_dir: Path) -> Path | None:
         return None
 
 
-def _user_error(error: BaseException) -> Exception | None:
-    """The user's mistake behind ``error`` (Hydra wraps errors raised while instantiating)."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        if isinstance(error, UserError):
-            return error
-        if isinstance(error, MisconfigurationException):  # Lightning rejecting trainer settings
-            return ConfigError(f"{error} (check the trainer= settings; without a GPU use trainer=cpu)")
-        if isinstance(error, InstantiationException) and isinstance(error.__cause__, TypeError):
-            return ConfigError(f"{' '.join(str(error).split())} (check the option names, e.g. +method.<name>=)")
-        seen.add(id(error))
-        error = error.__cause__ or error.__context__
-    return None
-
-
 @hydra.main(version_base="1.3", config_path="pkg://mcl_lightning.conf", config_name="train")
 def _hydra_main(cfg: DictConfig) -> float:
     try:
@@ -191,7 +160,7 @@ def _hydra_main(cfg: DictConfig) -> float:
         print(f"error: {error}", file=sys.stderr, flush=True)
         sys.exit(1)
     except Exception as error:  # a person's mistake gets one clear line, a bug its traceback
-        user_error = _user_error(error)
+        user_error = validation.user_error(error)
         if user_error is None:
             raise
         print(f"error: {user_error}", file=sys.stderr)

@@ -17,12 +17,15 @@ from typing import Any
 
 import torch
 from hydra.experimental.callback import Callback
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
+from mcl_lightning.build import build_network, data_options
 from mcl_lightning.checkpointing import newest_checkpoint, resolve_ckpt_path
 from mcl_lightning.ddp import check_timeout_s
-from mcl_lightning.errors import ConfigError
+from mcl_lightning.errors import ConfigError, UserError
 from mcl_lightning.tracking import check_loggers
 
 
@@ -173,6 +176,21 @@ def incompatible(path: Path, diffs: list[str]) -> ConfigError:
                        "Resume with the checkpoint's settings, or start a new run without ckpt_path")
 
 
+def user_error(error: BaseException) -> Exception | None:
+    """The user's mistake behind ``error`` (Hydra wraps errors raised while instantiating)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, UserError):
+            return error
+        if isinstance(error, MisconfigurationException):  # Lightning rejecting trainer settings
+            return ConfigError(f"{error} (check the trainer= settings; without a GPU use trainer=cpu)")
+        if isinstance(error, InstantiationException) and isinstance(error.__cause__, TypeError):
+            return ConfigError(f"{' '.join(str(error).split())} (check the option names, e.g. +method.<name>=)")
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
 # -- the Hydra callback --------------------------------------------------------------------------
 class EarlyChecks(Callback):
     """Runs the checks before Hydra creates or writes the run directory (single runs)."""
@@ -182,15 +200,13 @@ class EarlyChecks(Callback):
             run_dir = Path(str(config.hydra.run.dir)).resolve()
         except Exception:  # an interpolation only a running job can resolve: train.run checks it
             run_dir = None
-        from mcl_lightning.train import _user_error
-
         try:
             preflight(config, run_dir)
         except Exception as error:  # Hydra would only warn: a user's mistake stops here, a bug in train.run
-            user_error = _user_error(error)
-            if user_error is None:
+            found = user_error(error)
+            if found is None:
                 raise
-            print(f"error: {user_error}", file=sys.stderr)
+            print(f"error: {found}", file=sys.stderr)
             sys.exit(2)
 
 
@@ -224,8 +240,6 @@ def check_search_selects_on_holdout(config: DictConfig) -> None:
 
 def preflight(cfg: DictConfig, run_dir: Path | None) -> None:
     """Every check that needs no data: run directory, config values, network + method, checkpoint."""
-    from mcl_lightning.train import build_network, data_options  # train imports this module
-
     if run_dir is not None:
         check_run_dir(run_dir, cfg.ckpt_path)
     check_config(cfg)

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from mcl_lightning.errors import ConfigError
-from mcl_lightning.models.registry import StagedBackbone
+from mcl_lightning.models.staged import StagedBackbone
 from mcl_lightning.registry import Registry
 
 LibraryFactory = Callable[..., nn.Module]

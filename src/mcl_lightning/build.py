@@ -1,0 +1,26 @@
+"""Peers and method from a composed config: what the entry point, the early checks and the study
+planner all build first (before any data), in one place that imports no entry point."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from mcl_lightning.methods import OKDMethod
+from mcl_lightning.models import PeerNetwork
+
+
+def build_network(cfg: DictConfig) -> tuple[PeerNetwork, OKDMethod]:
+    """The method (options only), then the peers with its reference layout unless ``topology=`` /
+    ``backbone.branch_point=`` say otherwise, then the method attached to them (checks first)."""
+    method = instantiate(cfg.method)
+    peers = instantiate(cfg.model, layout=method.reference_layout)
+    method.attach(peers.spec())
+    return peers, method
+
+
+def data_options(cfg: DictConfig) -> dict[str, Any]:
+    """The data module's options, resolved (what a checkpoint records and compares)."""
+    return OmegaConf.to_container(cfg.data, resolve=True)
