@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import FINISHED_RUN, run_cli
-from mcl_lightning import bench, evaluate, gpu_evidence, reproduce
+from mcl_lightning import bench, evaluate, export, gpu_evidence, report, reproduce
 
 TINY_BENCH = ["--preset", "tiny", "--device", "cpu", "--rows", "mcl_okd@64", "--plain", "", "--data-k", "",
               "--memory-k", "0", "--omp-wait-policy", "inherit"]
@@ -58,15 +58,15 @@ def test_a_reencoded_copy_trains_evaluates_exports_and_reports(reencoded_root, t
     results = json.loads((run_dir / "results.json").read_text())
     assert results["status"] == "finished" and results["config"]["data"]["check_integrity"] is False
     assert results["throughput"]["train_dataset_size"] == 50_000
+    # the other entry points in this process (their own CLI runs are in test_evaluate.py and test_report.py)
     checkpoint = run_dir / "checkpoints" / "last.ckpt"
-    proc = run_cli("mcl_lightning.evaluate", str(checkpoint), *data, "data.eval_batch_size=1000",
-                   "--out", str(tmp_path / "eval.json"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    evaluate.main([str(checkpoint), *data, "data.eval_batch_size=1000", "--accelerator", "cpu",
+                   "--out", str(tmp_path / "eval.json")])
     assert json.loads((tmp_path / "eval.json").read_text())["test_images"] == 10_000
-    proc = run_cli("mcl_lightning.export", str(checkpoint), "--out", str(tmp_path / "peer.pt"))
-    assert proc.returncode == 0 and (tmp_path / "peer.pt").is_file(), proc.stderr[-3000:]
-    proc = run_cli("mcl_lightning.report", str(run_dir), "--out", str(tmp_path / "report"))
-    assert proc.returncode == 0 and "mcl_okd" in (tmp_path / "report.md").read_text(), proc.stderr[-3000:]
+    export.main([str(checkpoint), "--out", str(tmp_path / "peer.pt")])
+    assert (tmp_path / "peer.pt").is_file()
+    report.main([str(run_dir), "--out", str(tmp_path / "report")])
+    assert "mcl_okd" in (tmp_path / "report.md").read_text()
 
 
 def test_a_reencoded_copy_benchmarks_and_is_refused_without_check_integrity_false(reencoded_root, tmp_path, capsys):

@@ -9,6 +9,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from mcl_lightning import bench
 from mcl_lightning.study import PAPER_MATRIX
 
@@ -20,6 +22,7 @@ TINY_STUDY = ("trainer=cpu backbone=resnet8 data.check_integrity=false trainer.l
               "trainer.limit_val_batches=1 trainer.limit_test_batches=1 trainer.enable_progress_bar=false")
 
 
+@pytest.mark.slow  # about 70 s: in make test-all and make test-oldest
 def test_make_gpu_evidence_dry_run_on_cpu(reencoded_root, tmp_path):  # noqa: F811
     out = tmp_path / "evidence"
     args = (f"--minutes 4 --device cpu --bench-seconds 600 --bench-args '{SHRUNK_BENCH}' "

@@ -244,7 +244,7 @@ TINY_IMAGENET = ["trainer.max_steps=3", "data.batch_size=16", "data.eval_batch_s
                  "trainer.enable_progress_bar=false"]
 
 
-@pytest.mark.parametrize("decode", ["cpu", "device"])
+@pytest.mark.parametrize("decode", ["cpu", pytest.param("device", marks=pytest.mark.slow)])
 def test_mcl_okd_cli_run_on_imagenette(tmp_path, imagenette, decode):
     """A 3-step MCL-OKD run with data=imagenet (resnet20 at 64 px until the ImageNet ResNets land),
     decoding in the workers or, through Lightning's batch-transfer hooks, on the device (the CPU here)."""

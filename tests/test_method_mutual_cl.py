@@ -244,6 +244,7 @@ def test_cli_run_with_class_balanced_batches(tmp_path, data_root):
     assert {"peer0", "peer1", "peer_mean", "ensemble"} <= set(results["final"])
 
 
+@pytest.mark.slow  # heterogeneous peers through the CLI: test_train.py runs them by default
 def test_cli_run_with_three_different_backbones_and_plain_shuffling(tmp_path, data_root):
     """Plain shuffled batches of 64 from 100 classes: many anchors have no positive; the losses stay finite."""
     results, _ = _run_and_check(tmp_path, data_root, "peers=[resnet20,wrn_16_2,resnet32]",

@@ -258,6 +258,7 @@ def test_a_failed_download_into_the_default_folder_says_where_to_put_the_files(t
     assert "download from" in message and "name resolution" in message and str(folder / "cifar-100-python" / "train") in message
 
 
+@pytest.mark.slow  # both mistakes are cases of test_bad_inputs.py too
 def test_bad_config_values_are_one_clear_message(tmp_path, data_root):
     proc = run_train("peers=1", "backbone=resnet20", f"data.root={data_root}", f"hydra.run.dir={tmp_path}")
     assert proc.returncode == 2 and "peers >= 2" in proc.stderr and "Traceback" not in proc.stderr
