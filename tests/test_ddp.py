@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 HERE = Path(__file__).resolve().parent
@@ -27,6 +28,7 @@ def test_ddp_ranks_keep_identical_memory_banks(tmp_path, data_root):
     torch.testing.assert_close(rank0["memory"][updated].norm(dim=-1), torch.ones(2 * 3 * 2 * 16))
 
 
+@pytest.mark.slow  # DDP through the CLI: test_ddp_sampling.py and test_ddp_failures.py run it by default
 def test_ddp_through_the_hydra_entry_point(tmp_path, data_root):
     run_dir = tmp_path / "run"
     proc = subprocess.run(

@@ -258,6 +258,7 @@ def test_mcl_okd_cli_run_on_imagenette(tmp_path, imagenette, decode):
     assert results["config"]["method"]["negatives_with_replacement"] is False  # the bounded sampler
 
 
+@pytest.mark.slow  # the CLI path: test_mcl_okd_cli_run_on_imagenette[cpu] by default
 def test_acceptance_command_with_resnet18(tmp_path, imagenette):
     """The issue's acceptance command verbatim: needs the ImageNet ResNet-18 of the backbones branch."""
     from mcl_lightning.models import list_backbones

@@ -94,6 +94,7 @@ def test_gpu_fast_config_composes():
     PerfOptions.from_config(dict(fast.perf)).compile_mode  # every key known, the mode valid
 
 
+@pytest.mark.slow  # each switch has its equality test above; the CLI wiring in make test-all
 def test_perf_switches_through_the_entry_point(tmp_path, data_root):
     """A CPU run with every switch that runs on a CPU: fused peers, channels_last, compile (aot_eager),
     the training set 'resident' on the training device; results and checkpoints as usual."""

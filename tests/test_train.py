@@ -144,6 +144,7 @@ def test_scheduler_options_compose_into_the_system(scheduler):
         assert "lr_scheduler" not in config
 
 
+@pytest.mark.slow  # determinism: also test_ddp_equivalence.py and the bit-for-bit resume tests
 def test_same_seed_through_the_entry_point_gives_identical_losses(tmp_path, data_root):
     columns = []
     for name in ("a", "b"):
@@ -217,6 +218,7 @@ def test_heterogeneous_peers_through_the_entry_point(tmp_path, data_root):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow  # a real multirun: test_report.py runs one by default
 def test_multirun_gives_each_job_its_own_directory(tmp_path, data_root):
     sweep = tmp_path / "sweep"
     proc = run_train("-m", "seed=0,1", "peers=2", "backbone=resnet20", "method=independent",
@@ -266,6 +268,7 @@ def test_bad_config_values_are_one_clear_message(tmp_path, data_root):
     assert proc.returncode == 2 and "nce_k=60000" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow  # resume through the CLI: test_checkpointing.py by default
 def test_resume_through_the_entry_point_keeps_one_checkpoint_history(tmp_path, data_root):
     common = ["peers=2", "backbone=resnet20", "method.nce_k=32", f"data.root={data_root}", *TINY]
     first = tmp_path / "first"
