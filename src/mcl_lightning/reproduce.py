@@ -47,8 +47,8 @@ from mcl_lightning.study import PAPER_MATRIX, costs_at, gaps, plan_epochs, probe
 
 FAST_PATH = ["trainer=gpu", "data.device_resident=true", "perf.channels_last=true"]
 # What a probe job changes: a few steps, no validation, a one-batch test, a flat learning rate.
-PROBE_KEYS = ("trainer.max_steps", "trainer.max_epochs", "trainer.limit_train_batches", "trainer.limit_val_batches",
-              "trainer.limit_test_batches", "trainer.num_sanity_val_steps", "optim.scheduler", "seed")
+PROBE = ["trainer.max_epochs=-1", "trainer.limit_train_batches=1.0", "trainer.limit_val_batches=0",
+         "trainer.limit_test_batches=1", "trainer.num_sanity_val_steps=0", "optim.scheduler=constant", "seed=0"]
 PACKAGES = ("torch", "torchvision", "lightning", "torchmetrics", "hydra-core", "omegaconf", "hydra-joblib-launcher",
             "joblib", "numpy")
 
@@ -62,7 +62,7 @@ def override_key(override: str) -> str:
 
 
 def merged(base: list[str], user: list[str]) -> list[str]:
-    """``base`` overrides less those the user sets, then the user's (Hydra refuses a key set twice)."""
+    """``base`` overrides less those ``user`` sets, then ``user``'s (Hydra refuses a key set twice)."""
     keys = {override_key(o) for o in user}
     return [o for o in base if override_key(o) not in keys] + user
 
@@ -101,11 +101,8 @@ def probe_level(out: Path, concurrency: int, experiments: list[str], overrides: 
     """``concurrency`` probe jobs at once; each job's images/s and the total."""
     slots = probe_slots(experiments, concurrency)
     folder = out / "probe" / f"c{concurrency}"
-    probe = [f"trainer.max_steps={steps}", "trainer.max_epochs=-1", "trainer.limit_train_batches=1.0",
-             "trainer.limit_val_batches=0", "trainer.limit_test_batches=1", "trainer.num_sanity_val_steps=0",
-             "optim.scheduler=constant", "seed=0"]
-    user = [o for o in overrides if override_key(o) not in PROBE_KEYS]
-    rc = multirun(folder, folder.with_suffix(".log"), concurrency, [f"experiment={','.join(slots)}"], user + probe,
+    probe = merged(overrides, [f"trainer.max_steps={steps}", *PROBE])  # the user's settings, less what the probe sets
+    rc = multirun(folder, folder.with_suffix(".log"), concurrency, [f"experiment={','.join(slots)}"], probe,
                   f"probe c={concurrency}", concurrency)
     jobs, finished = [], read_runs(folder)
     for slot, results in [(slot, finished[i]) for i, slot in enumerate(slots) if i in finished]:
