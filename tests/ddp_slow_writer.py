@@ -31,5 +31,5 @@ def slow_save(obj: Any, handle: Any, *args: Any, **kwargs: Any) -> None:
 
 
 if __name__ == "__main__":
-    torch.save = slow_save  # mcl_lightning.checkpointing.atomic_save calls torch.save(obj, handle)
+    torch.save = slow_save  # mcl_lightning.runtime.checkpointing.atomic_save calls torch.save(obj, handle)
     train.main()

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from mcl_lightning import bench
-from mcl_lightning.errors import ConfigError
+from mcl_lightning.core.errors import ConfigError
 
 SETTING_FIELDS = {"backbone", "peers", "topology", "batch_size", "rows", "precision", "compile", "compile_backend",
                   "channels_last", "fuse_peers", "device_resident", "device", "steps", "warmup", "repeats", "statistic"}

@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from conftest import KILL_RUN, wait_for_checkpoint
-from mcl_lightning import checkpointing
-from mcl_lightning.checkpointing import atomic_save, newest_checkpoint, resolve_ckpt_path
+from mcl_lightning.runtime import checkpointing
+from mcl_lightning.runtime.checkpointing import atomic_save, newest_checkpoint, resolve_ckpt_path
 from mcl_lightning.data.resumable import ResumableOrderSampler
-from mcl_lightning.errors import ConfigError
-from mcl_lightning.validation import mid_epoch
+from mcl_lightning.core.errors import ConfigError
+from mcl_lightning.runtime.validation import mid_epoch
 
 
 def test_a_failed_write_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):

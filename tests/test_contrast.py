@@ -10,7 +10,7 @@ import torch
 
 from mcl_lightning.contrast import MemoryBank, NegativeSampler, multi_view_nce
 from mcl_lightning.data import CIFAR100_MEAN, CIFAR100_STD, normalize, random_crop_flip
-from mcl_lightning.errors import ConfigError
+from mcl_lightning.core.errors import ConfigError
 from mcl_lightning.methods import MCLOKD
 from mcl_lightning.models import PeerNetwork, PeerOutput
 from mcl_lightning.system import OKDSystem

@@ -12,7 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from mcl_lightning.contrast import MemoryBank, NegativeSampler, multi_view_nce
 from mcl_lightning.contrast.memory_bank import bank_bytes
 from mcl_lightning.contrast.negatives import candidates_needed
-from mcl_lightning.errors import ConfigError
+from mcl_lightning.core.errors import ConfigError
 from mcl_lightning.methods import MCLOKD
 
 from conftest import attached

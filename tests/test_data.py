@@ -20,7 +20,7 @@ from mcl_lightning.data import (
     random_crop_flip,
     stratified_split,
 )
-from mcl_lightning.errors import ConfigError, DatasetIntegrityError, DatasetNotFoundError
+from mcl_lightning.core.errors import ConfigError, DatasetIntegrityError, DatasetNotFoundError
 
 
 @pytest.fixture(scope="module")

@@ -19,11 +19,11 @@ import pytest
 import torch
 
 from conftest import KILL_RUN, child_pids, process_env, wait_for_checkpoint
-from mcl_lightning.ddp import RestartableDDPStrategy
-from mcl_lightning.errors import ConfigError
-from mcl_lightning.lost_rank import lost_rank_error
-from mcl_lightning.rank_stats import KEY as RANK_STATS
-from mcl_lightning.rank_stats import RankBatchNormStats
+from mcl_lightning.runtime.ddp import RestartableDDPStrategy
+from mcl_lightning.core.errors import ConfigError
+from mcl_lightning.runtime.lost_rank import lost_rank_error
+from mcl_lightning.runtime.rank_stats import KEY as RANK_STATS
+from mcl_lightning.runtime.rank_stats import RankBatchNormStats
 
 HERE = Path(__file__).resolve().parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}

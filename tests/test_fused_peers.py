@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from mcl_lightning.errors import ConfigError
+from mcl_lightning.core.errors import ConfigError
 from mcl_lightning.methods import MCLOKD, Independent
 from mcl_lightning.models import PeerLayout, PeerNetwork, create_backbone
 from mcl_lightning.models.fused import FusedPeerNetwork, _to_peer_layout

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from mcl_lightning import bench
-from mcl_lightning.study import PAPER_MATRIX
+from mcl_lightning.runtime.study import PAPER_MATRIX
 
 from test_entry_points import reencoded_root  # noqa: F401  (the fixture)
 

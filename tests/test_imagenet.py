@@ -17,7 +17,7 @@ from torchvision.io import ImageReadMode, decode_image, encode_jpeg, read_file
 
 from mcl_lightning.data import IMAGENET_MEAN, IMAGENET_STD, ImageNetDataModule, normalize, sample_key, sample_keys
 from mcl_lightning.data.augment import random_resized_crop_box, resized_crop_flip
-from mcl_lightning.errors import ConfigError, DatasetIntegrityError, DatasetNotFoundError
+from mcl_lightning.core.errors import ConfigError, DatasetIntegrityError, DatasetNotFoundError
 
 
 @pytest.fixture(scope="session")

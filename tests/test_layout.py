@@ -1,5 +1,9 @@
-"""The package's shape: no import circle between its modules (every import, lazy ones included, read
-with ``ast``), so that each module can be read, tested and imported on its own."""
+"""The package's shape, read with ``ast`` (every import, lazy ones included):
+
+- no import circle between modules, so that each can be read, tested and imported on its own;
+- imports flow one way through the layers: ``core`` <- ``models`` / ``contrast`` / ``data`` <- ``methods``
+  <- ``runtime`` <- ``system`` <- the entry points (``train``, ``bench``, ...) <- the public API;
+- no module over 400 lines (the aim is 300; the few above it say why in their docstring)."""
 
 from __future__ import annotations
 
@@ -75,3 +79,46 @@ def test_no_import_circle():
 def test_the_checker_sees_a_circle():
     assert cycles({"a": {"b"}, "b": {"a"}, "c": set()}) == [["a", "b"]]
     assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+# What each part of the package may import besides itself (see the module docstring).
+ENTRY_POINTS = {"train", "evaluate", "export", "report", "reproduce", "gpu_evidence", "sweep_report", "bench"}
+MAY_IMPORT = {
+    "core": set(),
+    "models": {"core"},
+    "contrast": {"core"},
+    "data": {"core"},
+    "methods": {"core", "models", "contrast"},
+    "runtime": {"core", "models", "contrast", "data", "methods"},
+    "system": {"core", "models", "contrast", "data", "methods", "runtime"},
+    "entry": {"core", "models", "contrast", "data", "methods", "runtime", "system", "entry"},
+    "api": {"core", "models", "contrast", "data", "methods", "runtime", "system"},
+}
+MAX_LINES = 400
+
+
+def part(module: str) -> str:
+    name = module.split(".")[1] if "." in module else ""
+    if not name:
+        return "api"
+    return "entry" if name in ENTRY_POINTS else name
+
+
+def test_imports_flow_one_way_through_the_layers():
+    graph = import_graph()
+    unknown = sorted({part(m) for m in graph} - set(MAY_IMPORT) - {"conf"})
+    assert not unknown, f"modules outside the known parts {sorted(MAY_IMPORT)}: {unknown}; add the part to MAY_IMPORT"
+    against = sorted(f"{a} imports {b}" for a, targets in graph.items() for b in targets
+                     if part(b) != part(a) and part(b) not in MAY_IMPORT[part(a)])
+    assert not against, "imports against the layering:\n" + "\n".join(against)
+
+
+def test_no_module_is_over_400_lines():
+    lengths = {str(p.relative_to(PACKAGE)): len(p.read_text().splitlines()) for p in PACKAGE.rglob("*.py")}
+    too_long = {name: n for name, n in sorted(lengths.items()) if n > MAX_LINES}
+    assert not too_long, f"modules over {MAX_LINES} lines (split them by job): {too_long}"
+
+
+def test_the_layer_checker_sees_an_upward_import():
+    assert part("mcl_lightning.models.peers") == "models" and part("mcl_lightning.bench.cli") == "entry"
+    assert "runtime" not in MAY_IMPORT["models"] and part("mcl_lightning") == "api"

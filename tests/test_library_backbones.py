@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from conftest import readme_commands, run_cli
-from mcl_lightning.errors import ConfigError
+from mcl_lightning.core.errors import ConfigError
 from mcl_lightning.export import export_peer, load_peers
 from mcl_lightning.models import PeerNetwork, build_peers
 

@@ -13,8 +13,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import readme_commands, run_cli
-from mcl_lightning.errors import ConfigError
-from mcl_lightning.tracking import check_loggers
+from mcl_lightning.core.errors import ConfigError
+from mcl_lightning.runtime.tracking import check_loggers
 
 TINY = ["peers=2", "backbone=resnet8", "method.nce_k=32", "method.projection_dim=16", "data.batch_size=32",
         "trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mcl_lightning.errors import ConfigError
+from mcl_lightning.core.errors import ConfigError
 from mcl_lightning.methods import DML
 from mcl_lightning.models import PeerNetwork, PeerOutput
 from mcl_lightning.system import OKDSystem

@@ -9,7 +9,7 @@ import torch
 from hydra import compose, initialize_config_module
 
 from mcl_lightning.data import CIFAR100_MEAN, CIFAR100_STD, normalize, random_crop_flip
-from mcl_lightning.errors import ConfigError
+from mcl_lightning.core.errors import ConfigError
 from mcl_lightning.methods import MutualCL
 from mcl_lightning.models import PeerNetwork, PeerOutput, PeerSpec
 from mcl_lightning.train import build_network

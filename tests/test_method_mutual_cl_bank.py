@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from mcl_lightning.contrast import NegativeSampler
-from mcl_lightning.errors import ConfigError
+from mcl_lightning.core.errors import ConfigError
 from mcl_lightning.methods import MutualCL
 from mcl_lightning.models import PeerOutput
 

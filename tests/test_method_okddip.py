@@ -8,7 +8,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_module
 
-from mcl_lightning.errors import ConfigError
+from mcl_lightning.core.errors import ConfigError
 from mcl_lightning.methods import OKDDip
 from mcl_lightning.models import PeerNetwork, PeerOutput, PeerSpec, count_parameters
 from mcl_lightning.train import build_network

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from mcl_lightning.errors import ConfigError
+from mcl_lightning.core.errors import ConfigError
 from mcl_lightning.models import (
     TOPOLOGIES,
     PeerLayout,

@@ -8,11 +8,11 @@ import pytest
 import torch
 from hydra import compose, initialize_config_module
 
-from mcl_lightning.errors import ConfigError
+from mcl_lightning.core.errors import ConfigError
 from mcl_lightning.methods import MCLOKD
 from mcl_lightning.models import PeerNetwork
 from mcl_lightning.models.fused import FusedPeerNetwork
-from mcl_lightning.perf import PerfOptions, apply_perf, describe
+from mcl_lightning.runtime.perf import PerfOptions, apply_perf, describe
 
 from test_train import TINY, run_train
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mcl_lightning.data import CIFARDataModule, DeviceResidentLoader
-from mcl_lightning.errors import ConfigError
+from mcl_lightning.core.errors import ConfigError
 
 from test_data import _write_fake
 

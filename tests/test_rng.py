@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from mcl_lightning import rng
+from mcl_lightning.core import rng
 from mcl_lightning.data import sample_key, sample_keys
 
 

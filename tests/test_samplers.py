@@ -16,7 +16,7 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Tenso
 
 from mcl_lightning.data import CIFARDataModule
 from mcl_lightning.data.samplers import ClassBalancedBatchSampler
-from mcl_lightning.errors import ConfigError
+from mcl_lightning.core.errors import ConfigError
 
 CIFAR_LIKE = torch.arange(50_000) % 100  # 100 classes of 500, as CIFAR-100's training set
 

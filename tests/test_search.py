@@ -13,7 +13,7 @@ import pytest
 from hydra import compose, initialize_config_module
 
 from conftest import readme_commands, run_cli
-from mcl_lightning.results import objective
+from mcl_lightning.runtime.results import objective
 
 pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason='hydra/sweeper=optuna needs pip install "mcl-lightning[tune]"')
 

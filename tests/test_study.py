@@ -1,12 +1,12 @@
-"""The study planner's arithmetic (mcl_lightning.study) and reproduce's option handling, without training."""
+"""The study planner's arithmetic (mcl_lightning.runtime.study) and reproduce's option handling, without training."""
 
 from __future__ import annotations
 
 import pytest
 
 from mcl_lightning import reproduce
-from mcl_lightning.errors import ConfigError
-from mcl_lightning.study import RunCost, fill_costs, limited, gaps, makespan, order_longest_first, plan_epochs, probe_slots
+from mcl_lightning.core.errors import ConfigError
+from mcl_lightning.runtime.study import RunCost, fill_costs, limited, gaps, makespan, order_longest_first, plan_epochs, probe_slots
 
 
 def test_makespan_is_the_greedy_list_schedule_in_order():

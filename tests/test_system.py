@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mcl_lightning import CIFARDataModule, MCLOKD, OKDSystem, PeerNetwork
-from mcl_lightning.errors import ConfigError
+from mcl_lightning.core.errors import ConfigError
 
 
 class RecordLosses(L.Callback):

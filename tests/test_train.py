@@ -16,7 +16,7 @@ from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from mcl_lightning.ddp import DEFAULT_TIMEOUT_S
+from mcl_lightning.runtime.ddp import DEFAULT_TIMEOUT_S
 from mcl_lightning.methods import OKDMethod
 from mcl_lightning.models import PeerNetwork, count_parameters
 from mcl_lightning.train import build_network
@@ -241,7 +241,7 @@ def test_missing_data_in_the_default_folder_says_where_to_put_it(tmp_path):
 
 def test_a_failed_download_into_the_default_folder_says_where_to_put_the_files(tmp_path, monkeypatch):
     from mcl_lightning.data import cifar
-    from mcl_lightning.errors import DatasetNotFoundError
+    from mcl_lightning.core.errors import DatasetNotFoundError
 
     monkeypatch.delenv("MCL_DATA_ROOT", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
@@ -288,7 +288,7 @@ def test_resume_through_the_entry_point_keeps_one_checkpoint_history(tmp_path, d
 
 
 def test_results_best_is_one_coherent_epoch():
-    from mcl_lightning.results import summarise
+    from mcl_lightning.runtime.results import summarise
 
     history = [
         {"epoch": 0, "best_peer/top1": 0.5, "peer0/top1": 0.5, "ensemble/top1": 0.7},

@@ -6,7 +6,7 @@ Public API::
 """
 
 from mcl_lightning.data import CIFARDataModule
-from mcl_lightning.errors import ConfigError, DatasetIntegrityError, DatasetNotFoundError, UserError
+from mcl_lightning.core.errors import ConfigError, DatasetIntegrityError, DatasetNotFoundError, UserError
 from mcl_lightning.methods import MCLOKD, Independent, OKDMethod, get_method, list_methods, register_method
 from mcl_lightning.models import (
     PeerNetwork,

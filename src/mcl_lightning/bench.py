@@ -56,14 +56,14 @@ from torch import Tensor
 
 from mcl_lightning.contrast import NegativeSampler
 from mcl_lightning.data import CIFARDataModule, DeviceResidentLoader, normalize, random_crop_flip
-from mcl_lightning.errors import ConfigError, UserError
+from mcl_lightning.core.errors import ConfigError, UserError
 from mcl_lightning.evaluate import parse_overrides
 from mcl_lightning.methods import OKDMethod, get_method, list_methods
 from mcl_lightning.methods.losses import cross_entropy_per_peer
 from mcl_lightning.models import PeerLayout, PeerNetwork, PeerSpec
-from mcl_lightning.perf import PerfOptions, apply_perf, compile_module
+from mcl_lightning.runtime.perf import PerfOptions, apply_perf, compile_module
 from mcl_lightning.system import OKDSystem
-from mcl_lightning.validation import check_data_root
+from mcl_lightning.runtime.validation import check_data_root
 
 SEED = 0
 SGD = dict(lr=0.05, momentum=0.9, weight_decay=5e-4, nesterov=True)  # OKDSystem's defaults

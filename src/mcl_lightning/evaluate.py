@@ -19,10 +19,10 @@ from typing import Any
 import lightning as L
 import torch
 
-from mcl_lightning.errors import ConfigError, UserError
-from mcl_lightning.results import nest_metrics, write_results
+from mcl_lightning.core.errors import ConfigError, UserError
+from mcl_lightning.runtime.results import nest_metrics, write_results
 from mcl_lightning.system import OKDSystem
-from mcl_lightning.validation import check_data_root
+from mcl_lightning.runtime.validation import check_data_root
 
 DEFAULT_DATAMODULE = "mcl_lightning.data.cifar.CIFARDataModule"
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mcl_lightning.errors import ConfigError
+from mcl_lightning.core.errors import ConfigError
 from mcl_lightning.models import PeerNetwork, count_parameters
 
 

@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable
 
-from mcl_lightning.errors import UserError
+from mcl_lightning.core.errors import UserError
 from mcl_lightning.sweep_report import optuna_sweeper, sweep_report
 
 # Config keys that say where or how often, not what was trained: never part of a row's identity.
@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         if args.curves:
-            from mcl_lightning.curves import plot_all
+            from mcl_lightning.runtime.curves import plot_all
 
             for path in plot_all(args.root):
                 print(path)

@@ -15,7 +15,7 @@ leave most of a large GPU idle, so the runs share the device, launched by Hydra'
    training jobs at once (the matrix's recipes in turn) measures each job's training images/s
    (results.json ``throughput``) and the total.
 2. **Plan**: for each c, the epochs E that fit in what is left of ``--minutes`` when the runs are
-   handed out longest first to c workers (``mcl_lightning.study``); the c with the largest E wins.
+   handed out longest first to c workers (``mcl_lightning.runtime.study``); the c with the largest E wins.
 3. **Study**: ``python -m mcl_lightning.train -m hydra/launcher=joblib hydra.launcher.n_jobs=c
    experiment=... seed=0,1 trainer.max_epochs=E``: each run's results.json, checkpoints and logs.
 4. **Summary**: ``reproduce.json`` (probe, plan, measured wall time and images/s per run, device,
@@ -42,8 +42,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from mcl_lightning.errors import ConfigError, UserError
-from mcl_lightning.study import PAPER_MATRIX, costs_at, gaps, plan_epochs, probe_slots
+from mcl_lightning.core.errors import ConfigError, UserError
+from mcl_lightning.runtime.study import PAPER_MATRIX, costs_at, gaps, plan_epochs, probe_slots
 
 FAST_PATH = ["trainer=gpu", "data.device_resident=true", "perf.channels_last=true"]
 # What a probe job changes: a few steps, no validation, a one-batch test, a flat learning rate.
@@ -125,7 +125,7 @@ def run_plan(experiment: str, overrides: list[str], checked_data: set[str]) -> d
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from mcl_lightning.validation import preflight
+    from mcl_lightning.runtime.validation import preflight
 
     with initialize_config_module("mcl_lightning.conf", version_base="1.3"):
         cfg = compose("train", overrides=[f"experiment={experiment}", *overrides])
@@ -158,7 +158,7 @@ def device_info() -> dict[str, Any]:
     if torch.cuda.is_available():
         return {"device": torch.cuda.get_device_name(0), "cuda": torch.version.cuda,
                 "cudnn": torch.backends.cudnn.version(), "gpus": torch.cuda.device_count()}
-    from mcl_lightning.results import cpu_name
+    from mcl_lightning.runtime.results import cpu_name
 
     return {"device": f"CPU: {cpu_name()}", "cuda": None}
 
@@ -321,7 +321,7 @@ def gaps_markdown(rows: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from mcl_lightning.validation import user_error
+    from mcl_lightning.runtime.validation import user_error
 
     try:
         study(parse_args(argv))

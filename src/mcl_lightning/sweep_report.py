@@ -18,7 +18,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from mcl_lightning.results import objective
+from mcl_lightning.runtime.results import objective
 
 
 def optuna_sweeper(root: Path) -> dict[str, Any] | None:

@@ -16,13 +16,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mcl_lightning.errors import ConfigError
-from mcl_lightning.registry import check_choice
+from mcl_lightning.core.errors import ConfigError
+from mcl_lightning.core.registry import check_choice
 from mcl_lightning.methods.base import OKDMethod
-from mcl_lightning.metrics import PeerMetrics
+from mcl_lightning.runtime.metrics import PeerMetrics
 from mcl_lightning.models.peers import PeerNetwork, PeerOutput
-from mcl_lightning.spec import build_method, method_spec
-from mcl_lightning.validation import state_differences
+from mcl_lightning.core.spec import build_method, method_spec
+from mcl_lightning.runtime.validation import state_differences
 
 SCHEDULERS = ("cosine", "multistep", "constant")
 MONITOR = "val/best_peer/top1"  # checkpoints select on the best peer's validation top-1

@@ -27,20 +27,20 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from mcl_lightning import validation
-from mcl_lightning.build import build_network, data_options
-from mcl_lightning.checkpointing import AtomicCheckpointIO, LastCheckpoint, remove_stale_temporaries, resolve_ckpt_path
-from mcl_lightning.errors import NonFiniteLossError
-from mcl_lightning.guards import NonFiniteLossGuard
-from mcl_lightning.lost_rank import LostRankError, lost_rank_error
-from mcl_lightning.perf import apply_perf
-from mcl_lightning.progress import LossTermsProgressBar
-from mcl_lightning.rank_stats import RankBatchNormStats
-from mcl_lightning.results import format_table, objective, run_results, write_results
-from mcl_lightning.spec import method_spec
+from mcl_lightning.runtime import validation
+from mcl_lightning.runtime.build import build_network, data_options
+from mcl_lightning.runtime.checkpointing import AtomicCheckpointIO, LastCheckpoint, remove_stale_temporaries, resolve_ckpt_path
+from mcl_lightning.core.errors import NonFiniteLossError
+from mcl_lightning.runtime.guards import NonFiniteLossGuard
+from mcl_lightning.runtime.lost_rank import LostRankError, lost_rank_error
+from mcl_lightning.runtime.perf import apply_perf
+from mcl_lightning.runtime.progress import LossTermsProgressBar
+from mcl_lightning.runtime.rank_stats import RankBatchNormStats
+from mcl_lightning.runtime.results import format_table, objective, run_results, write_results
+from mcl_lightning.core.spec import method_spec
 from mcl_lightning.system import MONITOR, OKDSystem
-from mcl_lightning.throughput import TrainThroughput
-from mcl_lightning.tracking import build_loggers, finish_trackers, log_config
+from mcl_lightning.runtime.throughput import TrainThroughput
+from mcl_lightning.runtime.tracking import build_loggers, finish_trackers, log_config
 
 log = logging.getLogger("mcl_lightning")
 
@@ -138,7 +138,7 @@ def finish(run_dir: Path, results: dict[str, Any], trainer: L.Trainer, curves: b
 def plot_curves(run_dir: Path) -> Path | None:
     """curves.png from the CSV log (logger= without the CSV logger: none); a plot must not cost the run's results."""
     try:
-        from mcl_lightning.curves import plot_run
+        from mcl_lightning.runtime.curves import plot_run
 
         path = plot_run(run_dir)
         print(f"curves: {path}")

@@ -8,8 +8,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from mcl_lightning import rng
-from mcl_lightning.errors import ConfigError
+from mcl_lightning.core import rng
+from mcl_lightning.core.errors import ConfigError
 
 
 BANK_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -28,7 +28,7 @@ class MemoryBank(nn.Module):
 
     Rows start i.i.d. Uniform(-s, s), s = 1/sqrt(dim/3), as the reference (norm about 1, not
     normalised), drawn from a generator seeded by ``seed`` (``None``: the run's seed, see
-    :func:`mcl_lightning.rng.run_seed`), not from the global RNG: the initial banks are the same on
+    :func:`mcl_lightning.core.rng.run_seed`), not from the global RNG: the initial banks are the same on
     every rank and for every world size (Lightning's DDP re-seeds the global RNG during setup). ``num_samples`` may be 0 at construction; :meth:`resize` sizes the banks once the
     training set is known, and loading a checkpoint sizes them from the checkpoint.
 

@@ -7,7 +7,7 @@ P samples of the anchor's class, distinct, go between the two: ``[positive, P sa
 negatives]``. The reference draws these per item with NumPy inside the
 dataset; here one vectorised draw per batch runs on the training device, with no host sync.
 
-The random numbers are keyed by ``(seed, step, dataset index)`` (:mod:`mcl_lightning.rng`), not by
+The random numbers are keyed by ``(seed, step, dataset index)`` (:mod:`mcl_lightning.core.rng`), not by
 a process's RNG state: an anchor's negatives at a given step do not depend on which rank holds it
 or on the rest of its batch, so every DDP rank draws its own negatives and a 2-rank run draws
 exactly what a 1-rank run on the same global batches draws.
@@ -36,9 +36,9 @@ import math
 import torch
 from torch import Tensor, nn
 
-from mcl_lightning import rng
-from mcl_lightning.errors import ConfigError
-from mcl_lightning.registry import check_choice
+from mcl_lightning.core import rng
+from mcl_lightning.core.errors import ConfigError
+from mcl_lightning.core.registry import check_choice
 
 POSITIVE_MODES = ("exact", "relax")
 _BIG = 1 << 62  # keys above every real key (real keys < 2**63 / 2)
@@ -103,7 +103,7 @@ class NegativeSampler(nn.Module):
             replacement (its CIFAR behaviour) the K negatives of a row are distinct, and K may not
             exceed the smallest negative pool.
         seed: the key of the random numbers; ``None`` takes the run's seed (``seed_everything``,
-            see :func:`mcl_lightning.rng.run_seed`) at :meth:`bind`.
+            see :func:`mcl_lightning.core.rng.run_seed`) at :meth:`bind`.
         same_class: P extra columns after the positive, P distinct samples of the anchor's class
             (uniform P-subset of the class, the anchor itself included, as winycg/MCL@236da2f
             ``dataset/imagenet.py:69`` draws ``pos_k`` from ``cls_positive`` without replacement).

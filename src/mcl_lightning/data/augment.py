@@ -9,7 +9,7 @@ evaluation, on decoded uint8 images of any size, in a worker process or on the t
 
 Random parameters come either from a ``torch.Generator``/the default RNG, or from per-sample keys
 (:func:`sample_keys`: seed, epoch, dataset index), so that an image's augmentation does not depend
-on the rank, the batch or the process that handles it (see :mod:`mcl_lightning.rng`).
+on the rank, the batch or the process that handles it (see :mod:`mcl_lightning.core.rng`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from torch import Tensor
 
-from mcl_lightning import rng
+from mcl_lightning.core import rng
 
 __all__ = [
     "CIFAR100_MEAN",

@@ -29,11 +29,11 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from mcl_lightning import rng
+from mcl_lightning.core import rng
 from mcl_lightning.data.augment import sample_keys
 from mcl_lightning.data.resumable import ResumableLoader, ResumableOrderSampler
 from mcl_lightning.data.sampling import EvalShardSampler
-from mcl_lightning.errors import ConfigError
+from mcl_lightning.core.errors import ConfigError
 
 __all__ = ["Batch", "InMemoryDataset", "OKDData", "OKDDataModule", "already_batched", "stratified_split"]
 

@@ -31,9 +31,9 @@ from mcl_lightning.data.base import (
 )
 from mcl_lightning.data.resumable import ResumableOrderSampler
 from mcl_lightning.data.samplers import ClassBalancedBatchSampler, check_samples_per_class
-from mcl_lightning.errors import ConfigError, DatasetIntegrityError, DatasetNotFoundError
-from mcl_lightning.paths import default_data_root
-from mcl_lightning.registry import check_choice
+from mcl_lightning.core.errors import ConfigError, DatasetIntegrityError, DatasetNotFoundError
+from mcl_lightning.data.paths import default_data_root
+from mcl_lightning.core.registry import check_choice
 
 __all__ = ["CIFARDataModule", "InMemoryDataset", "stratified_split"]
 
@@ -127,7 +127,7 @@ class CIFARDataModule(OKDDataModule):
     @property
     def data_dir(self) -> Path:
         """`<root>/cifar-100-python` (or `cifar-10-batches-py`); root: `root`, `$MCL_DATA_ROOT`, or
-        the per-user default (`mcl_lightning.paths.default_data_root()`)."""
+        the per-user default (`mcl_lightning.data.paths.default_data_root()`)."""
         root = self.root if self.root is not None else os.environ.get("MCL_DATA_ROOT") or default_data_root()
         return Path(root).expanduser() / self.spec.folder
 

@@ -43,7 +43,7 @@ from mcl_lightning.data.augment import (
     IMAGENET_MEAN, IMAGENET_STD, center_crop_eval, normalize, random_resized_crop_box, resized_crop_flip, sample_key,
 )
 from mcl_lightning.data.base import Batch, OKDDataModule, check_val_split, holdout_size, per_class_subset, stratified_split
-from mcl_lightning.errors import ConfigError, DatasetIntegrityError, DatasetNotFoundError
+from mcl_lightning.core.errors import ConfigError, DatasetIntegrityError, DatasetNotFoundError
 
 __all__ = ["IMG_EXTENSIONS", "ImageFolderFiles", "ImageNetDataModule", "count_classes"]
 

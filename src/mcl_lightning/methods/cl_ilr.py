@@ -20,7 +20,7 @@ from mcl_lightning.contrast import float32_region
 from mcl_lightning.methods.base import OKDMethod, register_method
 from mcl_lightning.methods.losses import cross_entropy_per_peer, distill_kl
 from mcl_lightning.models.peers import PeerLayout, PeerOutput
-from mcl_lightning.registry import check_choice
+from mcl_lightning.core.registry import check_choice
 from mcl_lightning.methods.options import check_kd_options
 
 SHARING = ("tree", "single")

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from mcl_lightning.contrast import MemoryBank, NegativeSampler, pairwise_logits
-from mcl_lightning.errors import ConfigError
+from mcl_lightning.core.errors import ConfigError
 from mcl_lightning.methods.losses import row_kl
 from mcl_lightning.methods.options import check_momentum
 

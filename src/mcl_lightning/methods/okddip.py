@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from mcl_lightning.contrast import float32_region
-from mcl_lightning.errors import ConfigError
+from mcl_lightning.core.errors import ConfigError
 from mcl_lightning.methods.base import OKDMethod, register_method
 from mcl_lightning.methods.losses import cross_entropy_per_peer, distill_kl
 from mcl_lightning.methods.one import sigmoid_rampup

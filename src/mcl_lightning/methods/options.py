@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from mcl_lightning.errors import ConfigError
+from mcl_lightning.core.errors import ConfigError
 
 
 def check_positive(**values: float) -> None:

@@ -28,7 +28,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
-from mcl_lightning.errors import ConfigError
+from mcl_lightning.core.errors import ConfigError
 from mcl_lightning.models.cifar_resnet import BasicBlock, Bottleneck
 from mcl_lightning.models.peers import PeerNetwork, PeerOutput, PeerSpec, split_gradient
 from mcl_lightning.models.wrn import WideBasicBlock

@@ -21,9 +21,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from mcl_lightning.errors import ConfigError
+from mcl_lightning.core.errors import ConfigError
 from mcl_lightning.models.staged import StagedBackbone
-from mcl_lightning.registry import Registry
+from mcl_lightning.core.registry import Registry
 
 LibraryFactory = Callable[..., nn.Module]
 LIBRARIES: Registry[LibraryFactory] = Registry("backbone library", example="backbone=timm backbone.name=resnet18")

@@ -22,10 +22,10 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
-from mcl_lightning.errors import ConfigError
+from mcl_lightning.core.errors import ConfigError
 from mcl_lightning.models.library import check_library_peers
 from mcl_lightning.models.registry import StagedBackbone, create_backbone, feature_dim_of
-from mcl_lightning.registry import check_choice
+from mcl_lightning.core.registry import check_choice
 
 TOPOLOGIES = ("shared_trunk", "independent")
 

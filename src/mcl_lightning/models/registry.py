@@ -15,7 +15,7 @@ from typing import Callable
 from mcl_lightning.models.staged import (  # noqa: F401  (re-exported: the backbone files import them from here)
     StagedBackbone, bn_relu_pool, count_parameters, dense_stages, feature_dim_of, kaiming_init,
 )
-from mcl_lightning.registry import Registry
+from mcl_lightning.core.registry import Registry
 
 
 BackboneFactory = Callable[..., StagedBackbone]

@@ -23,7 +23,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
-from mcl_lightning.errors import ConfigError
+from mcl_lightning.core.errors import ConfigError
 from mcl_lightning.methods.base import OKDMethod
 from mcl_lightning.models.fused import FusedPeerNetwork
 from mcl_lightning.models.peers import PeerNetwork

@@ -16,7 +16,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.loggers import CSVLogger, Logger, MLFlowLogger, TensorBoardLogger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
-from mcl_lightning.errors import ConfigError
+from mcl_lightning.core.errors import ConfigError
 
 # Logger class name -> (the module it needs, the mcl-lightning extra that installs it).
 EXTRAS = {"WandbLogger": ("wandb", "wandb"), "MLFlowLogger": ("mlflow", "mlflow")}

@@ -15,7 +15,7 @@ import math
 import re
 from pathlib import Path
 
-from mcl_lightning.errors import UserError
+from mcl_lightning.core.errors import UserError
 
 FIGSIZE = (15.0, 4.5)  # inches
 DPI = 100  # curves.png is FIGSIZE * DPI pixels: 1500 x 450

@@ -4,7 +4,7 @@ process group that torchrun can restart.
 - ``timeout_s`` is the process group's timeout: a rank that stops answering (hung, or its machine
   gone without closing its connections) makes the others' collectives fail after this many seconds
   instead of PyTorch's 30 minutes. A rank that dies on a reachable machine closes its connections,
-  and the others fail at their next collective (``mcl_lightning.lost_rank`` names it).
+  and the others fail at their next collective (``mcl_lightning.runtime.lost_rank`` names it).
 - Under torchrun (``--max-restarts N``) the agent keeps one rendezvous store for every restart of
   the worker group, and the process group's keys (gloo's addresses, NCCL's ids) are not scoped to
   the restart: a restarted group would read the dead group's addresses and fail to connect. Here
@@ -28,7 +28,7 @@ from lightning.fabric.utilities.distributed import _set_num_threads_if_needed
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 
-from mcl_lightning.errors import ConfigError
+from mcl_lightning.core.errors import ConfigError
 
 DEFAULT_TIMEOUT_S = 300.0
 MAIN_GRACE_S = 20.0

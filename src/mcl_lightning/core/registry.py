@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Callable, Generic, Iterable, TypeVar
 
-from mcl_lightning.errors import ConfigError
+from mcl_lightning.core.errors import ConfigError
 
 T = TypeVar("T")
 

@@ -28,7 +28,7 @@ from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from mcl_lightning.errors import ConfigError
+from mcl_lightning.core.errors import ConfigError
 
 LAST = "last.ckpt"
 _TMP_SUFFIX = ".tmp"

@@ -22,11 +22,11 @@ from hydra.utils import instantiate
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
-from mcl_lightning.build import build_network, data_options
-from mcl_lightning.checkpointing import newest_checkpoint, resolve_ckpt_path
-from mcl_lightning.ddp import check_timeout_s
-from mcl_lightning.errors import ConfigError, UserError
-from mcl_lightning.tracking import check_loggers
+from mcl_lightning.runtime.build import build_network, data_options
+from mcl_lightning.runtime.checkpointing import newest_checkpoint, resolve_ckpt_path
+from mcl_lightning.runtime.ddp import check_timeout_s
+from mcl_lightning.core.errors import ConfigError, UserError
+from mcl_lightning.runtime.tracking import check_loggers
 
 
 # -- the config ---------------------------------------------------------------------------------
@@ -247,7 +247,7 @@ def preflight(cfg: DictConfig, run_dir: Path | None) -> None:
     instantiate(cfg.data)  # the data module checks its options; nothing is loaded yet
     path = resolve_ckpt_path(cfg.ckpt_path, run_dir) if run_dir is not None else None
     if path is not None:
-        from mcl_lightning.spec import method_spec
+        from mcl_lightning.core.spec import method_spec
 
         diffs = checkpoint_differences(load_checkpoint_meta(path), peers.build_spec, method_spec(method),
                                        data_options(cfg))

@@ -16,7 +16,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from mcl_lightning.errors import NonFiniteLossError
+from mcl_lightning.core.errors import NonFiniteLossError
 
 
 @dataclass
