@@ -17,7 +17,7 @@ from conftest import FINISHED_RUN, run_cli
 from mcl_lightning import bench, evaluate, export, gpu_evidence, report, reproduce
 
 TINY_BENCH = ["--preset", "tiny", "--device", "cpu", "--rows", "mcl_okd@64", "--plain", "", "--data-k", "",
-              "--memory-k", "0", "--omp-wait-policy", "inherit"]
+              "--memory-k", "0"]
 
 
 def _reencode(source: Path, target: Path) -> None:

@@ -1,0 +1,3 @@
+from mcl_lightning.bench.cli import main
+
+main()
