@@ -31,7 +31,7 @@ TABLE_RESERVE_S = 60.0  # a further table starts only with this much of --max-se
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split(":")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m mcl_lightning.bench", description=__doc__.split(":")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=("cpu", "gpu", "gpu_headline", "tiny"), default=None,
                    help="cpu (default on CPU), gpu (default on CUDA: several tables), gpu_headline (the GPU targets' "
                         "rows, about 2.5 minutes), tiny (seconds)")
