@@ -4,6 +4,7 @@ No speed assertions: throughput is measured by `make bench`, never asserted in t
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -22,6 +23,11 @@ def test_tiny_benchmark_end_to_end(tmp_path, data_root, capsys):
                 "--rows", "independent;mcl_okd@64;dml", "--profile", "mcl_okd K=64"])
     results = json.loads(path.read_text())
     assert {"device_name", "torch_version", "lightning_version", "threads", "omp_wait_policy", "tables"} <= set(results)
+    # measured in the caller's threading environment (no restart under PASSIVE), which the JSON records
+    threading = results["threading"]
+    assert {"OMP_WAIT_POLICY", "OMP_NUM_THREADS", "torch_threads", "interop_threads"} == set(threading)
+    assert threading["OMP_WAIT_POLICY"] == os.environ.get("OMP_WAIT_POLICY", "(unset)") == results["omp_wait_policy"]
+    assert threading["torch_threads"] >= 1 and threading["interop_threads"] >= 1
     (table,) = results["tables"]
     assert SETTING_FIELDS <= set(table["settings"]) and table["settings"]["statistic"] == "median over repeats"
     names = [r["name"] for r in table["rows"]]
@@ -86,5 +92,6 @@ def test_row_syntax_and_settings_errors():
         bench.settings_from_args(bench.parse_args(["--steps", "0"]))
     tables = bench.settings_from_args(bench.parse_args(["--preset", "gpu", "--device", "cuda"]))
     assert tables[0].batch_size == 64 and tables[1].batch_size == 256 and tables[0].compile == "reduce-overhead"
+    assert not bench.parse_args([]).omp_passive and bench.parse_args(["--omp-passive"]).omp_passive
     default = bench.settings_from_args(bench.parse_args(["--device", "cpu"]))[0]
     assert (default.backbone, default.peers, default.topology, default.batch_size) == ("resnet32", 4, "shared_trunk", 64)
