@@ -20,7 +20,7 @@ ROW_FIELDS = {"name", "method", "kind", "images_per_s", "ms_per_step", "ratio_to
 def test_tiny_benchmark_end_to_end(tmp_path, data_root, capsys):
     path = tmp_path / "bench.json"
     bench.main(["--preset", "tiny", "--device", "cpu", "--data-root", str(data_root), "--json", str(path),
-                "--rows", "independent;mcl_okd@64;dml", "--profile", "mcl_okd K=64"])
+                "--rows", "independent;mcl_okd@64;dml", "--profile", "floor (plain CE loop);mcl_okd K=64"])
     results = json.loads(path.read_text())
     assert {"device_name", "torch_version", "lightning_version", "threads", "omp_wait_policy", "tables"} <= set(results)
     # measured in the caller's threading environment (no restart under PASSIVE), which the JSON records
@@ -42,7 +42,11 @@ def test_tiny_benchmark_end_to_end(tmp_path, data_root, capsys):
     assert set(data) == {"loader + augmentation", "+ negative sampling K=64"} and min(data.values()) > 0
     memory = table["contrastive_memory"]
     assert memory["reference_gathered_bytes"] == 2 * 1 * 8 * 513 * 128 * 4 and memory["peak_bytes"] > 0
-    assert table["profiles"][0]["row"] == "mcl_okd K=64" and table["profiles"][0]["top"]
+    floor, lightning = table["profiles"]  # each row profiled the way it runs: plain loop, Trainer
+    assert (floor["row"], floor["kind"], lightning["row"], lightning["kind"]) == (
+        "floor (plain CE loop)", "plain loop", "mcl_okd K=64", "lightning")
+    assert all(p["top"] and p["wall_ms_per_step"] > 0 and p["outside_ops_ms_per_step"] is not None
+               for p in (floor, lightning))
     assert table["targets"] == []  # tiny settings are not the issue's: no target applies
     out = capsys.readouterr().out
     assert "x floor" in out and "mcl_okd K=64" in out and "contrastive term alone" in out

@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 from mcl_lightning.bench.data_path import data_path
 from mcl_lightning.bench.memory import contrastive_memory
-from mcl_lightning.bench.profile import profile_plain, profile_rows
+from mcl_lightning.bench.profile import profile_row, profile_rows
 from mcl_lightning.bench.runs import Bench
 from mcl_lightning.bench.settings import Settings, row_specs, table_settings
 from mcl_lightning.bench.tables import check_targets
@@ -122,7 +122,7 @@ def run_table(settings: Settings, dm: CIFARDataModule, deadline: float, log: Cal
             if time.monotonic() > deadline:
                 log("  time budget: no profile")
                 break
-            results["profiles"].append({"row": row.label, "top": profile_plain(bench, row)})
+            results["profiles"].append(profile_row(bench, row))
     return results
 
 

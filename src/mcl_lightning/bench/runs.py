@@ -118,11 +118,13 @@ class Bench:
         wall, cpu = clock.seconds()
         return Run(wall, cpu, memory.stop())
 
-    def run_lightning(self, row: RowSpec, syncs: list[int] | None = None) -> Run:
+    def run_lightning(self, row: RowSpec, syncs: list[int] | None = None, profiler: Any = None) -> Run:
+        """As ``run_plain``, through ``OKDSystem`` + ``lightning.Trainer`` (``syncs``: the CUDA host
+        synchronisations counted in the timed steps are appended)."""
         peers, method = self.method(row)
         L.seed_everything(SEED, verbose=False)
         system = OKDSystem(peers, method, num_classes=self.dm.num_classes, scheduler="constant", **SGD)
-        timer = StepTimer(self.s.warmup, self.s.warmup + self.s.steps, self.device)
+        timer = StepTimer(self.s.warmup, self.s.warmup + self.s.steps, self.device, profiler)
         trainer = L.Trainer(
             max_steps=self.s.warmup + self.s.steps, limit_val_batches=0, num_sanity_val_steps=0, logger=False,
             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

@@ -115,7 +115,10 @@ def format_table(table: dict[str, Any]) -> str:
     for t in table["targets"]:
         lines.append(f"target {'MET ' if t['met'] else 'MISSED'} {t['target']}: {t['value']:.3f} (goal {t['goal']}, by {t['by']:+.3f})")
     for p in table.get("profiles", []):
-        lines.append(f"profile of {p['row']} (plain loop, self time per step):")
+        outside = p.get("outside_ops_ms_per_step")
+        lines.append(f"profile of {p['row']} ({p.get('kind', 'plain loop')}, self time per step; "
+                     f"{p.get('wall_ms_per_step', float('nan')):.1f} ms/step"
+                     + ("" if outside is None else f", {outside:.1f} ms outside aten ops") + "):")
         for e in p["top"]:
             lines.append(f"  {e['name'][:60]:<60} {e['self_ms_per_step']:>9.1f} ms {e['percent']:>5.1f} %")
     return "\n".join(lines)

@@ -98,8 +98,9 @@ class StepTimer(L.Callback):
     previous one: its batch's loading and augmentation included), and their peak memory; on CUDA it
     also counts the synchronising calls made inside them (``torch.cuda.set_sync_debug_mode``)."""
 
-    def __init__(self, warmup: int, total: int, device: torch.device) -> None:
+    def __init__(self, warmup: int, total: int, device: torch.device, profiler: Any = None) -> None:
         self.warmup, self.total, self.device = warmup, total, device
+        self.profiler = profiler  # a torch.profiler.profile, run over the timed steps
         self.clock = Clock(device)
         self.peak: int | None = None
         self.memory = PeakMemory(device)
@@ -117,6 +118,8 @@ class StepTimer(L.Callback):
                 self._caught = self._catch.__enter__()
                 warnings.simplefilter("always")
                 torch.cuda.set_sync_debug_mode("warn")
+            if self.profiler is not None:
+                self.profiler.start()
             self.clock.mark()
         elif self.warmup < step < self.total:
             self.clock.mark()
@@ -125,6 +128,8 @@ class StepTimer(L.Callback):
                 torch.cuda.set_sync_debug_mode("default")
             sync(self.device)
             self.clock.mark()
+            if self.profiler is not None:
+                self.profiler.stop()
             self.peak = self.memory.stop()
             if self._catch is not None:
                 self._catch.__exit__(None, None, None)
