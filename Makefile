@@ -6,7 +6,7 @@ DATA_ROOT ?= $(or $(MCL_DATA_ROOT),../shared/data)
 # OpenMP threads busy-wait by default; on a shared machine that makes small CPU ops 5-20x slower.
 OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: install test test-all test-oldest train bench bench-gpu benchmark reproduce-gpu gpu-evidence proxy-study proxy-report clean
+.PHONY: install test test-all test-oldest docs train bench bench-gpu benchmark reproduce-gpu gpu-evidence proxy-study proxy-report clean
 
 install:
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,11 @@ test:
 
 test-all:
 	MCL_DATA_ROOT=$(DATA_ROOT) OMP_WAIT_POLICY=$(OMP_WAIT_POLICY) $(PY) -m pytest -q
+
+# The documentation site (mkdocs.yml, docs/) into build/site; --strict fails on a broken link or anchor, or a
+# `:::` API reference that does not resolve. `python -m http.server -d build/site` serves it.
+docs:
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir build/site
 
 # The oldest versions pyproject.toml allows (its lower bounds), in their own environment: the unit tests
 # and one short run of each entry point (tests/test_entry_points.py). Downloads about 4 GB once (torch).

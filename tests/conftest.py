@@ -100,16 +100,49 @@ def finished_run(data_root, tmp_path_factory) -> Path:
     return run_dir
 
 
-def readme_commands(tag: str) -> list[tuple[str, list[str]]]:
-    """The ``python -m <module> args`` lines of the README's bash block marked ``<!-- test: tag -->``,
-    as (module, args): continuation lines joined, comments dropped."""
+def doc_files() -> list[Path]:
+    """The pages whose tagged examples the tests run: README.md and every page of the docs site."""
+    return [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").rglob("*.md"))]
+
+
+DOC_TAG = r"<!-- test: ([\w-]+) -->\s*```(\w+)\n(.*?)```"
+
+
+def doc_blocks(tag: str, lang: str) -> list[str]:
+    """The fenced ``lang`` blocks marked ``<!-- test: tag -->`` (README.md and docs/**/*.md), in order.
+
+    A tag belongs to one page. The only repeat allowed is a mirror: a second page (the README) may carry
+    exactly the same blocks under the same tag, so that the copies cannot drift apart."""
     import re
+
+    found: dict[str, list[str]] = {}
+    for path in doc_files():
+        for name, block_lang, body in re.findall(DOC_TAG, path.read_text(), flags=re.S):
+            if name == tag:
+                page = str(path.relative_to(REPO_ROOT))
+                assert block_lang == lang, f"{page}: <!-- test: {tag} --> marks a {block_lang} block, not {lang}"
+                found.setdefault(page, []).append(body)
+    assert found, f"no block marked <!-- test: {tag} --> in README.md or docs/"
+    first, *others = found.values()
+    assert all(blocks == first for blocks in others), (
+        f"<!-- test: {tag} --> marks different blocks in {sorted(found)}: a tag belongs to one page (or exact mirrors)")
+    return first
+
+
+def doc_block(tag: str, lang: str) -> str:
+    """The one fenced ``lang`` block marked ``<!-- test: tag -->`` (see ``doc_blocks``)."""
+    blocks = doc_blocks(tag, lang)
+    assert len(blocks) == 1, f"<!-- test: {tag} --> marks {len(blocks)} blocks on one page, expected one"
+    return blocks[0]
+
+
+def doc_commands(tag: str) -> list[tuple[str, list[str]]]:
+    """The ``python -m <module> args`` lines of the bash block marked ``<!-- test: tag -->``, as
+    (module, args): continuation lines joined, comments dropped."""
     import shlex
 
-    text = (REPO_ROOT / "README.md").read_text()
-    (block,) = re.findall(rf"<!-- test: {re.escape(tag)} -->\s*```bash\n(.*?)```", text, flags=re.S)
     commands = []
-    for line in block.replace("\\\n", " ").splitlines():
+    for line in doc_block(tag, "bash").replace("\\\n", " ").splitlines():
         words = shlex.split(line, comments=True)
         assert words[:2] == ["python", "-m"], line
         commands.append((words[2], words[3:]))
