@@ -38,6 +38,48 @@ def attached(method, num_peers: int, width: int, num_classes: int = 100):
     return method
 
 
+def meta_training_step(peers, method, batch: int = 8) -> dict:
+    """One training step of ``method`` on ``peers`` (both already attached) on the meta device, CIFAR
+    augmentation included: any ``.item()`` or data-dependent shape raises there, so a step that
+    returns has no host synchronisation. Returns the loss terms (meta tensors, backward done)."""
+    import copy
+
+    import torch
+
+    from mcl_lightning.data import CIFAR100_MEAN, CIFAR100_STD, normalize, random_crop_flip
+
+    meta_peers, meta_method = copy.deepcopy(peers).to("meta"), method.to("meta")
+    images = torch.empty(batch, 3, 32, 32, dtype=torch.uint8, device="meta")
+    images = normalize(random_crop_flip(images), CIFAR100_MEAN, CIFAR100_STD)
+    labels = torch.empty(batch, dtype=torch.long, device="meta")
+    indices = torch.empty(batch, dtype=torch.long, device="meta")
+    losses = meta_method(meta_peers(images), labels, indices)
+    torch.stack(list(losses.values())).sum().backward()
+    assert all(v.device.type == "meta" for v in losses.values())
+    return losses
+
+
+def fp32_and_bf16_losses(peers, method, check_bf16_output=None) -> tuple[dict, dict]:
+    """A method's loss terms on one synthetic batch in float32 and under CPU bf16 autocast (no grad),
+    after asserting that every bf16 term is a finite float32 and the totals agree within 1 %.
+    ``check_bf16_output(output)`` sees the peers' bf16 output first."""
+    import torch
+
+    x, labels = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    with torch.no_grad():
+        fp32 = method(peers(x), labels, torch.arange(8))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            output = peers(x)
+            if check_bf16_output is not None:
+                check_bf16_output(output)
+            bf16 = method(output, labels, torch.arange(8))
+    for name in fp32:
+        assert bf16[name].dtype == torch.float32 and torch.isfinite(bf16[name]), name
+    total32, total16 = sum(fp32.values()), sum(bf16.values())
+    assert abs(total16 - total32) / total32 < 1e-2
+    return fp32, bf16
+
+
 # A small finished CLI run, shared by the checkpoint, evaluation, curves and bad-input tests (which
 # must not change it). Its test pass covers the whole test set, so evaluation can be compared to it.
 FINISHED_RUN = [
@@ -72,6 +114,20 @@ def tiny_training_run(run_dir: Path, data_root: Path, *overrides: str, terms: tu
         values = [float(r[f"train/loss/{term}"]) for r in rows if r.get(f"train/loss/{term}")]
         assert values and all(v == v and abs(v) != float("inf") for v in values), term  # logged, finite
     return results, rows, proc
+
+
+def check_two_peer_run(results: dict, method: str, topology: str, ensemble: str | None = None) -> dict:
+    """What every method's short 2-peer CLI run must report (results.json of ``tiny_training_run``):
+    its method, peers, topology and ensemble, accuracies of each peer, their mean and the ensemble
+    after training and on the test set. Returns the last checkpoint's state dict."""
+    import torch
+
+    assert (results["method"], results["peers"], results["topology"]) == (method, 2, topology)
+    assert ensemble is None or results["ensemble"] == ensemble
+    for part in ("final", "test"):
+        assert set(results[part]) == {"peer0", "peer1", "peer_mean", "ensemble", "best_peer", "num_images"}
+        assert 0.0 <= results[part]["ensemble"]["top1"] <= 1.0
+    return torch.load(results["checkpoints"]["last"], map_location="cpu", weights_only=True)["state_dict"]
 
 
 def only_error_line(proc) -> str:
