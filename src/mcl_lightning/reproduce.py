@@ -26,6 +26,8 @@ Everything goes to ``--out`` (default ``outputs/reproduce/<date>_<time>``). Extr
 overrides for every run (``data.root=``, ``data.check_integrity=false``, ``trainer=cpu`` ...). On a GPU
 the fast path is added unless ``--no-fast-path``: bf16 (``trainer=gpu``), the training set resident
 on the GPU, channels_last (torch.compile stays off: its compile time would come out of the budget).
+
+(About 300 lines: the four steps above and the summary they feed share one set of options.)
 """
 
 from __future__ import annotations

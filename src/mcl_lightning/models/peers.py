@@ -10,6 +10,9 @@ Topologies:
 
 Either way, peer ``i`` alone is exactly the plain backbone: ``export_peer(i)`` returns it, with the
 shared weights copied in, ready to deploy at no extra inference cost.
+
+(About 340 lines, over the package's 300-line aim: building a topology, running it and exporting one
+peer from it read the same module lists, and split apart each would need the others' internals.)
 """
 
 from __future__ import annotations
