@@ -11,7 +11,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def find_data_root() -> Path | None:
-    """MCL_DATA_ROOT, else ../shared/data beside the checkout (as the README says)."""
+    """MCL_DATA_ROOT, else ../shared/data beside the checkout (the CI layout, DEVELOPERS.md)."""
     for candidate in (os.environ.get("MCL_DATA_ROOT"), REPO_ROOT.parent / "shared" / "data"):
         if candidate and (Path(candidate) / "cifar-100-python" / "train").is_file():
             return Path(candidate).resolve()

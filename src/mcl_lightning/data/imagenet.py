@@ -2,7 +2,7 @@
 
     <root>/train/<class>/*.JPEG      <root>/val/<class>/*.JPEG
 
-The reference recipe (method.md §10.3): training ``RandomResizedCrop(224)`` + horizontal flip,
+The reference recipe (docs/guide/imagenet.md): training ``RandomResizedCrop(224)`` + horizontal flip,
 evaluation ``Resize(256)`` + ``CenterCrop(224)``, ImageNet mean/std. Batches are
 ``(images, labels, dataset indices)``.
 
