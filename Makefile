@@ -6,18 +6,26 @@ DATA_ROOT ?= $(or $(MCL_DATA_ROOT),../shared/data)
 # OpenMP threads busy-wait by default; on a shared machine that makes small CPU ops 5-20x slower.
 OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: install test test-all test-oldest train bench bench-gpu benchmark reproduce-gpu gpu-evidence proxy-study proxy-report clean
+.PHONY: install test test-all test-oldest docs train bench bench-gpu benchmark reproduce-gpu gpu-evidence proxy-study proxy-report clean
 
 install:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install -e ".[dev]"
 
+# Tests run in TEST_WORKERS processes (pytest-xdist): most of the suite is CLI runs, each a process
+# that spends its first seconds importing torch + Lightning on one core. TEST_WORKERS=0: one process.
+TEST_WORKERS ?= 2
 test:
-	MCL_DATA_ROOT=$(DATA_ROOT) OMP_WAIT_POLICY=$(OMP_WAIT_POLICY) $(PY) -m pytest -m "not slow" -q
+	MCL_DATA_ROOT=$(DATA_ROOT) OMP_WAIT_POLICY=$(OMP_WAIT_POLICY) $(PY) -m pytest -m "not slow" -q -n $(TEST_WORKERS)
 
 test-all:
-	MCL_DATA_ROOT=$(DATA_ROOT) OMP_WAIT_POLICY=$(OMP_WAIT_POLICY) $(PY) -m pytest -q
+	MCL_DATA_ROOT=$(DATA_ROOT) OMP_WAIT_POLICY=$(OMP_WAIT_POLICY) $(PY) -m pytest -q -n $(TEST_WORKERS)
+
+# The documentation site (mkdocs.yml, docs/) into build/site; --strict fails on a broken link or anchor, or a
+# `:::` API reference that does not resolve. `python -m http.server -d build/site` serves it.
+docs:
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir build/site
 
 # The oldest versions pyproject.toml allows (its lower bounds), in their own environment: the unit tests
 # and one short run of each entry point (tests/test_entry_points.py). Downloads about 4 GB once (torch).
@@ -29,9 +37,9 @@ UNIT_TESTS = tests/test_entry_points.py tests/test_gpu_evidence.py tests/test_st
 	tests/test_perf.py tests/test_resident_data.py tests/test_data.py tests/test_backbones.py
 test-oldest:
 	test -x $(OLDEST_VENV)/bin/python || $(PYTHON) -m venv $(OLDEST_VENV)
-	$(OLDEST_VENV)/bin/python -m pip install -q $(OLDEST) -e . pytest
+	$(OLDEST_VENV)/bin/python -m pip install -q $(OLDEST) -e . pytest pytest-xdist
 	$(OLDEST_VENV)/bin/python -m pip check
-	MCL_DATA_ROOT=$(DATA_ROOT) OMP_WAIT_POLICY=$(OMP_WAIT_POLICY) $(OLDEST_VENV)/bin/python -m pytest -m "not slow" -q $(UNIT_TESTS)
+	MCL_DATA_ROOT=$(DATA_ROOT) OMP_WAIT_POLICY=$(OMP_WAIT_POLICY) $(OLDEST_VENV)/bin/python -m pytest -m "not slow" -q -n $(TEST_WORKERS) $(UNIT_TESTS)
 
 train:
 	$(PY) -m mcl_lightning.train peers=4 backbone=resnet56 data.root=$(DATA_ROOT)

@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 import torchvision
-from torch import nn
+
 
 from mcl_lightning.export import export_peer
 from mcl_lightning.models import TOPOLOGIES, PeerNetwork, StagedBackbone, count_parameters, create_backbone

@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
 import torch
 
 from mcl_lightning.contrast import MemoryBank, NegativeSampler, multi_view_nce
-from mcl_lightning.data import CIFAR100_MEAN, CIFAR100_STD, normalize, random_crop_flip
 from mcl_lightning.core.errors import ConfigError
 from mcl_lightning.methods import MCLOKD
 from mcl_lightning.models import PeerNetwork, PeerOutput
 from mcl_lightning.system import OKDSystem
 
-from conftest import attached
+from conftest import attached, meta_training_step
 
 
 def reference_mcl_loss(bank, z, contrast_idx, tau, eps=1e-7):
@@ -249,14 +247,7 @@ def test_training_path_never_reads_values_back_to_the_host():
         method = MCLOKD(nce_k=32, positive=positive, negatives_with_replacement=replacement)
         method.attach(peers.spec())
         method.setup_data(labels_all)  # at setup time, before training: reading labels is fine there
-        meta_peers, meta_method = copy.deepcopy(peers).to("meta"), method.to("meta")
-        images = torch.empty(8, 3, 32, 32, dtype=torch.uint8, device="meta")
-        images = normalize(random_crop_flip(images), CIFAR100_MEAN, CIFAR100_STD)
-        labels = torch.empty(8, dtype=torch.long, device="meta")
-        indices = torch.empty(8, dtype=torch.long, device="meta")
-        losses = meta_method(meta_peers(images), labels, indices)
-        torch.stack(list(losses.values())).sum().backward()
-        assert all(v.device.type == "meta" for v in losses.values())
+        meta_training_step(peers, method)
 
 
 def test_ddp_duplicates_write_one_deterministic_row(monkeypatch):

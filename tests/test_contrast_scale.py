@@ -116,11 +116,11 @@ def test_half_precision_banks_score_and_update_in_float32():
         MemoryBank(2, 10, 16, dtype="float64")
 
 
-def test_bank_dtype_reaches_the_method_and_the_readme_costs():
+def test_bank_dtype_reaches_the_method_and_the_documented_costs():
     method = attached(MCLOKD(nce_k=8, bank_dtype="bfloat16"), 2, 64)
     method.setup_data(torch.arange(100) % 5)
     assert method.memory_bank.memory.dtype == torch.bfloat16
-    assert round(bank_bytes(4, IMAGENET_TRAIN) / 1e9, 2) == 2.62  # README: N = 4, float32
+    assert round(bank_bytes(4, IMAGENET_TRAIN) / 1e9, 2) == 2.62  # docs/guide/imagenet.md: N = 4, float32
     assert round(bank_bytes(4, IMAGENET_TRAIN, dtype="bfloat16") / 1e9, 2) == 1.31
 
 

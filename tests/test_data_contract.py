@@ -1,15 +1,13 @@
-"""The data contract: CIFAR and ImageNet are two implementations, the README's own dataset a third."""
+"""The data contract: CIFAR and ImageNet are two implementations, docs/guide/data.md's own dataset a third."""
 
 from __future__ import annotations
 
-import re
 import subprocess
 import sys
-from pathlib import Path
 
 from mcl_lightning.data import CIFARDataModule, ImageNetDataModule, OKDData, OKDDataModule
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import doc_block
 
 
 def test_both_datamodules_implement_the_contract(data_root):
@@ -26,9 +24,9 @@ def test_both_datamodules_implement_the_contract(data_root):
         assert labels.tolist() == dm.val_dataset.labels[indices].tolist()
 
 
-def test_readme_custom_dataset_example_trains(tmp_path):
-    text = (REPO / "README.md").read_text()
-    (code,) = re.findall(r"<!-- test: custom-data -->\s*```python\n(.*?)```", text, flags=re.S)
+def test_custom_dataset_example_trains(tmp_path):
+    """docs/guide/data.md's own dataset, trained for two steps."""
+    code = doc_block("custom-data", "python")
     assert code.count("L.Trainer(max_epochs=300)") == 1
     fast = ("L.Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1, accelerator='cpu', "
             f"default_root_dir={str(tmp_path)!r}, enable_progress_bar=False, logger=False)")

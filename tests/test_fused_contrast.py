@@ -3,7 +3,6 @@ against the plain autograd formula and against the distribution they claim."""
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch

@@ -18,6 +18,7 @@ from torchvision.io import ImageReadMode, decode_image, encode_jpeg, read_file
 from mcl_lightning.data import IMAGENET_MEAN, IMAGENET_STD, ImageNetDataModule, normalize, sample_key, sample_keys
 from mcl_lightning.data.augment import random_resized_crop_box, resized_crop_flip
 from mcl_lightning.core.errors import ConfigError, DatasetIntegrityError, DatasetNotFoundError
+from mcl_lightning.export import export_program, image_size_of
 
 
 @pytest.fixture(scope="session")
@@ -256,6 +257,11 @@ def test_mcl_okd_cli_run_on_imagenette(tmp_path, imagenette, decode):
     assert results["method"] == "mcl_okd" and results["peers"] == 2 and results["global_batch_size"] == 16
     assert results["config"]["data"]["num_classes"] == 10 and results["test"]["num_images"] == 50
     assert results["config"]["method"]["negatives_with_replacement"] is False  # the bounded sampler
+    if decode == "cpu":  # the deployed peer as a torch.export program takes the run's 64 px images
+        checkpoint = run_dir / "checkpoints" / "last.ckpt"
+        assert image_size_of(checkpoint) == 64
+        program = export_program(checkpoint).module()
+        assert program(torch.zeros(3, 3, 64, 64)).shape == (3, 10)
 
 
 @pytest.mark.slow  # the CLI path: test_mcl_okd_cli_run_on_imagenette[cpu] by default

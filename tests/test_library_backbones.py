@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import readme_commands, run_cli
+from conftest import doc_commands, run_cli
 from mcl_lightning.core.errors import ConfigError
 from mcl_lightning.export import export_peer, load_peers
 from mcl_lightning.models import PeerNetwork, build_peers
@@ -26,8 +26,8 @@ def imagenette(data_root: Path) -> list[str]:
 
 
 def train_and_export(tmp_path: Path, line: int, *overrides: str) -> tuple[dict, nn.Module, PeerNetwork, Path]:
-    """The README's command ``line`` of its timm/torchvision block, with tiny settings."""
-    module, args = readme_commands("library-backbones")[line]
+    """Command ``line`` of docs/backbones.md's timm/torchvision block, with tiny settings."""
+    module, args = doc_commands("library-backbones")[line]
     run_dir = tmp_path / "run"
     proc = run_cli(module, *args, *TINY, *overrides, f"hydra.run.dir={run_dir}")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -70,7 +70,7 @@ def test_mixed_library_peers_train_on_both_datasets_and_export_from_the_cli(tmp_
     assert results["backbone"] == "torchvision:mobilenet_v3_small+timm:mobilenetv3_small_050"
     assert type(exported) is type(timm.create_model("mobilenetv3_small_050"))
     exported_equals_trained(exported, peers, 224 if dataset == "imagenette" else 32)
-    module, args = readme_commands("library-backbones")[3]
+    module, args = doc_commands("library-backbones")[3]
     args = [str(checkpoint) if a.endswith("last.ckpt") else str(tmp_path / a) if a == "peer.pt" else a for a in args]
     proc = run_cli(module, *args)
     assert proc.returncode == 0 and "timm.create_model('mobilenetv3_small_050'" in proc.stdout, proc.stderr[-2000:]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import readme_commands, run_cli
+from conftest import doc_commands, run_cli
 from mcl_lightning.core.errors import ConfigError
 from mcl_lightning.runtime.tracking import check_loggers
 
@@ -59,7 +59,7 @@ def tracked_run(data_root, tmp_path_factory) -> Path:
     pytest.importorskip("wandb", reason='logger=wandb needs pip install "mcl-lightning[wandb]"')
     pytest.importorskip("mlflow", reason='logger=mlflow needs pip install "mcl-lightning[mlflow]"')
     where = tmp_path_factory.mktemp("tracked")
-    ((module, args),) = readme_commands("loggers")  # the README's command, with tiny settings
+    ((module, args),) = doc_commands("loggers")  # docs/guide/trackers.md's command, with tiny settings
     assert args == ["logger=[default,mlflow,wandb]", "logger.offline=true"]
     proc = run_cli(module, *args, *TINY, f"data.root={data_root}", f"hydra.run.dir={where / 'run'}", cwd=where)
     assert proc.returncode == 0, proc.stderr[-3000:]

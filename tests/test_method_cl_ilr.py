@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
 from hydra import compose, initialize_config_module
 
-from mcl_lightning.data import CIFAR100_MEAN, CIFAR100_STD, normalize, random_crop_flip
 from mcl_lightning.core.errors import ConfigError
 from mcl_lightning.methods import CLILR
 from mcl_lightning.models import PeerLayout, PeerNetwork, PeerOutput, PeerSpec
 from mcl_lightning.train import build_network
 
-from conftest import attached
-from conftest import tiny_training_run
+from conftest import attached, check_two_peer_run, meta_training_step, tiny_training_run
 from test_train import run_train
 
 
@@ -176,20 +173,14 @@ def test_training_step_has_no_host_sync():
     peers = PeerNetwork.from_backbone("resnet20", num_peers=4, num_classes=10, layout=CLILR().reference_layout)
     method = CLILR()
     method.attach(peers.spec())
-    meta_peers, meta_method = copy.deepcopy(peers).to("meta"), method.to("meta")
-    images = torch.empty(8, 3, 32, 32, dtype=torch.uint8, device="meta")
-    images = normalize(random_crop_flip(images), CIFAR100_MEAN, CIFAR100_STD)
-    labels = torch.empty(8, dtype=torch.long, device="meta")
-    losses = meta_method(meta_peers(images), labels, labels)
-    torch.stack(list(losses.values())).sum().backward()
-    assert all(v.device.type == "meta" for v in losses.values())
+    meta_training_step(peers, method)
 
 
 def test_cli_run_on_real_data(tmp_path, data_root):
     results, _, _ = tiny_training_run(tmp_path / "run", data_root, "method=cl_ilr", "peers=2", "backbone=resnet20",
                                       terms=("ce", "collaborative_kd"))
-    assert results["method"] == "cl_ilr" and results["peers"] == 2 and "0..N-2" in results["ensemble"]
-    assert {"peer0", "peer1", "peer_mean", "ensemble"} <= set(results["final"])
+    check_two_peer_run(results, "cl_ilr", "shared_trunk")
+    assert "0..N-2" in results["ensemble"]
 
 
 def test_cli_refuses_heterogeneous_peers_with_one_line(tmp_path, data_root):

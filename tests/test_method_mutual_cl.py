@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
 from hydra import compose, initialize_config_module
 
-from mcl_lightning.data import CIFAR100_MEAN, CIFAR100_STD, normalize, random_crop_flip
 from mcl_lightning.core.errors import ConfigError
 from mcl_lightning.methods import MutualCL
 from mcl_lightning.models import PeerNetwork, PeerOutput, PeerSpec
 from mcl_lightning.train import build_network
 
-from conftest import attached
+from conftest import attached, meta_training_step
 from conftest import tiny_training_run
 
 TERMS = ("ce", "vcl", "soft_vcl", "icl", "soft_icl")
@@ -193,13 +191,8 @@ def test_training_step_has_no_host_sync():
     peers = PeerNetwork.from_backbone("resnet20", num_peers=3, num_classes=10)
     method = MutualCL(logit_distill=True)
     method.attach(peers.spec())
-    meta_peers, meta_method = copy.deepcopy(peers).to("meta"), method.to("meta")
-    images = torch.empty(8, 3, 32, 32, dtype=torch.uint8, device="meta")
-    images = normalize(random_crop_flip(images), CIFAR100_MEAN, CIFAR100_STD)
-    labels = torch.empty(8, dtype=torch.long, device="meta")
-    losses = meta_method(meta_peers(images), labels, labels)
-    torch.stack(list(losses.values())).sum().backward()
-    assert set(losses) == {*TERMS, "logit_kd"} and all(v.device.type == "meta" for v in losses.values())
+    losses = meta_training_step(peers, method)
+    assert set(losses) == {*TERMS, "logit_kd"}
 
 
 def _compose(overrides):

@@ -13,7 +13,7 @@ from mcl_lightning.methods import OKDDip
 from mcl_lightning.models import PeerNetwork, PeerOutput, PeerSpec, count_parameters
 from mcl_lightning.train import build_network
 
-from conftest import only_error_line, tiny_training_run
+from conftest import check_two_peer_run, fp32_and_bf16_losses, only_error_line, tiny_training_run
 from reference64 import cross_entropy64, kl64
 from test_train import run_train
 
@@ -165,19 +165,13 @@ def test_loss_under_bf16_autocast_matches_float32():
     method = OKDDip()
     method.attach(peers.spec())
     method.set_epoch(80, 300)  # full weight on the distillation terms
-    x, labels = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
-    with torch.no_grad():
-        fp32 = method(peers(x), labels, torch.arange(8))
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            output = peers(x)
-            assert output.features.dtype == torch.bfloat16
-            assert method.attention(output.features[:-1]).dtype == torch.float32
-            bf16 = method(output, labels, torch.arange(8))
-    for name in fp32:
-        assert bf16[name].dtype == torch.float32 and torch.isfinite(bf16[name]), name
+
+    def check(output):
+        assert output.features.dtype == torch.bfloat16
+        assert method.attention(output.features[:-1]).dtype == torch.float32
+
+    fp32, bf16 = fp32_and_bf16_losses(peers, method, check)
     assert abs(bf16["ce"] - fp32["ce"]) / fp32["ce"] < 1e-2
-    total32, total16 = sum(fp32.values()), sum(bf16.values())
-    assert abs(total16 - total32) / total32 < 1e-2
 
 
 def test_heterogeneous_peers_through_the_cli_are_one_clear_message(tmp_path):
@@ -188,11 +182,6 @@ def test_heterogeneous_peers_through_the_cli_are_one_clear_message(tmp_path):
 def test_short_real_cifar100_run_through_the_cli(tmp_path, data_root):
     results, _, _ = tiny_training_run(tmp_path / "run", data_root, "method=okddip", "peers=2", "backbone=resnet20",
                                       terms=("ce", "peer_kd", "leader_kd"))
-    assert results["method"] == "okddip" and results["peers"] == 2 and results["topology"] == "shared_trunk"
-    assert results["ensemble"] == OKDDip.ensemble_description
-    for part in ("final", "test"):
-        assert set(results[part]) == {"peer0", "peer1", "peer_mean", "ensemble", "best_peer", "num_images"}
-        assert 0.0 <= results[part]["ensemble"]["top1"] <= 1.0
+    state = check_two_peer_run(results, "okddip", "shared_trunk", OKDDip.ensemble_description)
     assert results["config"]["method"]["rampup_epochs"] == 80
-    state = torch.load(results["checkpoints"]["last"], map_location="cpu", weights_only=True)["state_dict"]
     assert {"method.query.weight", "method.key.weight"} <= set(state)

@@ -1,5 +1,5 @@
 """Multi-node DDP through torchrun: 2 "nodes" x 1 process on this machine, joined by torchrun's c10d
-rendezvous on localhost, complete a tiny real-data run (as two machines would, README "Multi-node")."""
+rendezvous on localhost, complete a tiny real-data run (as two machines would, docs/guide/ddp.md "Several machines")."""
 
 from __future__ import annotations
 

@@ -1,16 +1,17 @@
-"""The package as users meet it: a wheel installed in a fresh venv, and the README's Python examples."""
+"""The package as users meet it: a wheel installed in a fresh venv, and the documented Python examples."""
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
 import sysconfig
 import zipfile
 from pathlib import Path
+
+from conftest import doc_block
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -69,29 +70,25 @@ def test_wheel_install_trains_from_outside_the_checkout(tmp_path, data_root):
     assert _run([str(python), "-c", probe], cwd=outside, env=env).stdout.strip() == "wrn_40_2"
 
 
-def readme_python_examples() -> str:
-    text = (REPO / "README.md").read_text()
-    blocks = re.findall(r"<!-- test: python-api -->\s*```python\n(.*?)```", text, flags=re.S)
-    assert len(blocks) == 2
-    return "\n".join(blocks)
+def python_examples() -> str:
+    """The quick start (README.md, mirrored in docs/guide/python.md) and its continuation with your own modules."""
+    return doc_block("python-api", "python") + "\n" + doc_block("python-api-modules", "python")
 
 
-def test_readme_python_examples_run(tmp_path, data_root):
-    code = readme_python_examples()
+def test_python_examples_run(tmp_path, data_root):
+    code = python_examples()
     fast = ("L.Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1, limit_test_batches=1, "
             f"default_root_dir={str(tmp_path)!r}, enable_progress_bar=False, logger=False)")
     assert code.count("L.Trainer(max_epochs=300)") == 2
-    code = code.replace("L.Trainer(max_epochs=300)", fast).replace('"../shared/data"', repr(str(data_root)))
+    code = code.replace("L.Trainer(max_epochs=300)", fast).replace('"/path/to/data"', repr(str(data_root)))
     code += "\nassert type(deployed).__name__ == 'StagedBackbone'\nprint('examples ok')\n"
     proc = _run([sys.executable, "-c", code], cwd=tmp_path)
     assert "examples ok" in proc.stdout
 
 
-def test_readme_own_method_runs_through_the_cli_from_one_file_and_one_yaml(tmp_path, data_root):
-    """The README's "A method" example, written outside the library, trained by the entry point."""
-    text = (REPO / "README.md").read_text()
-    (code,) = re.findall(r"<!-- test: own-method -->\s*```python\n(.*?)```", text, flags=re.S)
-    (yaml,) = re.findall(r"<!-- test: own-method-yaml -->\s*```yaml\n(.*?)```", text, flags=re.S)
+def test_own_method_example_runs_through_the_cli_from_one_file_and_one_yaml(tmp_path, data_root):
+    """docs/extending.md's "A method" example, written outside the library, trained by the entry point."""
+    code, yaml = doc_block("own-method", "python"), doc_block("own-method-yaml", "yaml")
     (tmp_path / "my_methods.py").write_text(code)
     (tmp_path / "conf" / "method").mkdir(parents=True)
     (tmp_path / "conf" / "method" / "ensemble_kd.yaml").write_text(yaml)

@@ -1,4 +1,4 @@
-"""Optuna search (hydra/sweeper=optuna, hparams_search=<method>): the README's sweeps on the holdout,
+"""Optuna search (hydra/sweeper=optuna, hparams_search=<method>): docs/guide/search.md's sweeps on the holdout,
 the refusal to select on the test set, and the report of a sweep folder (one row per trial)."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_module
 
-from conftest import readme_commands, run_cli
+from conftest import doc_commands, run_cli
 from mcl_lightning.runtime.results import objective
 
 pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason='hydra/sweeper=optuna needs pip install "mcl-lightning[tune]"')
@@ -24,8 +24,8 @@ METHODS = ["mcl_okd", "dml", "cl_ilr", "one", "okddip", "mutual_cl"]
 
 
 def sweep_and_report(tmp_path: Path, line: int, *extra: str) -> tuple[list[dict], str]:
-    """The README search block's command ``line`` with tiny settings, then its report line on the folder."""
-    commands = readme_commands("search")
+    """The search page's block: command ``line`` with tiny settings, then its report line on the folder."""
+    commands = doc_commands("search")
     module, args = commands[line]
     sweep = tmp_path / "sweep"
     proc = run_cli(module, *args, *TINY, *extra, f"hydra.sweep.dir={sweep}", cwd=tmp_path)
@@ -49,7 +49,7 @@ def test_three_optuna_trials_over_beta_on_the_holdout_and_their_report(tmp_path,
 
 
 def test_a_search_without_a_holdout_is_refused_in_one_line(tmp_path, data_root):
-    module, args = readme_commands("search")[1]
+    module, args = doc_commands("search")[1]
     args = [a for a in args if not a.startswith("data.val_split")]
     proc = run_cli(module, *args, *TINY, f"data.root={data_root}", f"hydra.sweep.dir={tmp_path / 'sweep'}")
     assert proc.returncode == 2

@@ -6,7 +6,7 @@
 writes the peer's ``state_dict`` (loadable into ``create_backbone(name, num_classes)``, or for a
 ``timm:``/``torchvision:`` peer into the library's own network, which export gives back) and/or a
 ``torch.export`` program of it (``torch.export.load(path).module()(images)``: no mcl_lightning needed,
-any batch size), and prints what it is. From Python: ``export_peer(path, peer=3)`` returns the
+any batch size, at the run's image size), and prints what it is. From Python: ``export_peer(path, peer=3)`` returns the
 ``nn.Module``, ``export_program(path, peer=3)`` the ``ExportedProgram``.
 """
 
@@ -37,6 +37,13 @@ def load_peers(checkpoint_path: str | Path) -> PeerNetwork:
     return peers.eval()
 
 
+def image_size_of(checkpoint_path: str | Path) -> int:
+    """The training images' side: the DataModule's ``image_size`` saved in the checkpoint (ImageNet:
+    224), else 32 (CIFAR, whose DataModule has no such option)."""
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    return int((checkpoint.get("datamodule_hyper_parameters") or {}).get("image_size", 32))
+
+
 def export_peer(checkpoint_path: str | Path, peer: int = -1) -> nn.Module:
     """Peer ``peer`` (default: the last, the one the online teacher distils into) as a plain backbone."""
     return load_peers(checkpoint_path).export_peer(peer).eval()
@@ -51,8 +58,9 @@ def program_of(network: nn.Module, image_size: int = 32) -> torch.export.Exporte
 
 
 def export_program(checkpoint_path: str | Path, peer: int = -1) -> torch.export.ExportedProgram:
-    """Peer ``peer`` as a ``torch.export`` program (save it with ``torch.export.save``)."""
-    return program_of(export_peer(checkpoint_path, peer))
+    """Peer ``peer`` as a ``torch.export`` program for the checkpoint's image size (save it with
+    ``torch.export.save``)."""
+    return program_of(export_peer(checkpoint_path, peer), image_size_of(checkpoint_path))
 
 
 def constructor(name: str, num_classes: int) -> str:
@@ -81,9 +89,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{about} -> {args.out}")
         print(f"load with: {constructor(name, spec['num_classes'])}.load_state_dict(torch.load(...))")
     if args.program is not None:
-        torch.export.save(program_of(network), args.program)
+        size = image_size_of(args.checkpoint)
+        torch.export.save(program_of(network, size), args.program)
         print(f"{about} -> {args.program}")
-        print("load with: torch.export.load(path).module()  (inputs: (batch, 3, 32, 32), normalised)")
+        print(f"load with: torch.export.load(path).module()  (inputs: (batch, 3, {size}, {size}), normalised)")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,8 @@ Everything goes to ``--out`` (default ``outputs/reproduce/<date>_<time>``). Extr
 overrides for every run (``data.root=``, ``data.check_integrity=false``, ``trainer=cpu`` ...). On a GPU
 the fast path is added unless ``--no-fast-path``: bf16 (``trainer=gpu``), the training set resident
 on the GPU, channels_last (torch.compile stays off: its compile time would come out of the budget).
+
+(About 300 lines: the four steps above and the summary they feed share one set of options.)
 """
 
 from __future__ import annotations
@@ -34,7 +36,6 @@ import argparse
 import json
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from datetime import datetime
@@ -43,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from mcl_lightning.core.errors import ConfigError, UserError
+from mcl_lightning.runtime.multirun import merged, multirun, override_key, read_runs
 from mcl_lightning.runtime.study import PAPER_MATRIX, costs_at, gaps, plan_epochs, probe_slots
 
 FAST_PATH = ["trainer=gpu", "data.device_resident=true", "perf.channels_last=true"]
@@ -55,46 +57,6 @@ PACKAGES = ("torch", "torchvision", "lightning", "torchmetrics", "hydra-core", "
 
 class StudyFailed(RuntimeError):
     """A probe or the study's multirun failed (not a configuration mistake): exit status 1 with its log."""
-
-
-def override_key(override: str) -> str:
-    return override.split("=", 1)[0].lstrip("+~")
-
-
-def merged(base: list[str], user: list[str]) -> list[str]:
-    """``base`` overrides less those ``user`` sets, then ``user``'s (Hydra refuses a key set twice)."""
-    keys = {override_key(o) for o in user}
-    return [o for o in base if override_key(o) not in keys] + user
-
-
-def multirun(out: Path, log: Path, concurrency: int, sweep: list[str], overrides: list[str],
-             heartbeat: str, expected: int) -> int:
-    """One Hydra multirun of ``mcl_lightning.train`` on the joblib launcher; output to ``log``,
-    a progress line every 30 s. Returns the exit status."""
-    command = [sys.executable, "-m", "mcl_lightning.train", "-m", "hydra/launcher=joblib",
-               f"hydra.launcher.n_jobs={concurrency}", f"hydra.sweep.dir={out}", *sweep, *overrides]
-    log.parent.mkdir(parents=True, exist_ok=True)
-    start = time.monotonic()
-    with log.open("w") as stream:
-        stream.write(" ".join(command) + "\n")
-        stream.flush()
-        proc = subprocess.Popen(command, stdout=stream, stderr=subprocess.STDOUT)
-        while proc.poll() is None:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                done = len(list(out.glob("*/results.json")))
-                print(f"{heartbeat}: {done}/{expected} runs finished, {time.monotonic() - start:.0f} s", flush=True)
-    return proc.returncode
-
-
-def read_runs(folder: Path) -> dict[int, dict[str, Any]]:
-    """results.json of each job of a multirun, by job number (its position in the sweep)."""
-    runs = {}
-    for path in folder.glob("*/results.json"):
-        if path.parent.name.isdigit():
-            runs[int(path.parent.name)] = {**json.loads(path.read_text()), "_path": str(path)}
-    return runs
 
 
 def probe_level(out: Path, concurrency: int, experiments: list[str], overrides: list[str], steps: int) -> dict[str, Any]:

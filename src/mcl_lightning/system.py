@@ -20,7 +20,8 @@ from mcl_lightning.core.errors import ConfigError
 from mcl_lightning.core.registry import check_choice
 from mcl_lightning.methods.base import OKDMethod
 from mcl_lightning.runtime.metrics import PeerMetrics
-from mcl_lightning.models.peers import PeerNetwork, PeerOutput
+from mcl_lightning.models.contract import PeerOutput
+from mcl_lightning.models.peers import PeerNetwork
 from mcl_lightning.core.spec import build_method, method_spec
 from mcl_lightning.runtime.validation import state_differences
 

@@ -17,7 +17,7 @@ and every batch, after ``on_after_batch_transfer``, is ``(images float (B, C, H,
 split across ranks, the samplers that make a W-rank run equal to a 1-rank run and evaluate every
 image exactly once (:mod:`mcl_lightning.data.sampling`), per-sample augmentation keys, and the
 loaders. CIFAR (:mod:`~mcl_lightning.data.cifar`) and ImageNet (:mod:`~mcl_lightning.data.imagenet`)
-are two subclasses; your own dataset is a third (README, "Your own dataset").
+are two subclasses; your own dataset is a third (docs/guide/data.md, "Your own dataset").
 """
 
 from __future__ import annotations

@@ -56,8 +56,8 @@ class _Spec:
     std: tuple[float, float, float]
 
 
-# CIFAR-100 also accepts the md5s of the shared copy (its synthetic `filenames` differ from the
-# official files; the pixels and labels are identical, see ../shared/data/README.md).
+# CIFAR-100 also accepts the md5s of a known redistributed copy whose `filenames` entries differ from
+# the official files (its pixels and labels are identical to them).
 _CIFAR100_MD5S = {
     "train": frozenset({"16019d7e3df5f24257cddd939b257f8d", "0edb6f95ed32e77e76793933524424b2"}),
     "test": frozenset({"f0ef6b0ae62326f3e7ffdfab6717acfc", "e07c7d01aa5daebda8420b8b6820aadd"}),

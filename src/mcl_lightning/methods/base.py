@@ -35,7 +35,7 @@ from typing import Any, Callable, ClassVar
 from torch import Tensor, nn
 
 from mcl_lightning.core.errors import ConfigError
-from mcl_lightning.models.peers import PeerLayout, PeerOutput, PeerSpec
+from mcl_lightning.models.contract import PeerLayout, PeerOutput, PeerSpec
 from mcl_lightning.core.registry import Registry
 from mcl_lightning.core.spec import init_options, record_init_options
 

@@ -19,7 +19,7 @@ from torch import Tensor
 from mcl_lightning.contrast import float32_region
 from mcl_lightning.methods.base import OKDMethod, register_method
 from mcl_lightning.methods.losses import cross_entropy_per_peer, distill_kl
-from mcl_lightning.models.peers import PeerLayout, PeerOutput
+from mcl_lightning.models.contract import PeerLayout, PeerOutput
 from mcl_lightning.core.registry import check_choice
 from mcl_lightning.methods.options import check_kd_options
 

@@ -6,7 +6,7 @@ from torch import Tensor
 
 from mcl_lightning.methods.base import OKDMethod, register_method
 from mcl_lightning.methods.losses import cross_entropy_per_peer
-from mcl_lightning.models.peers import PeerLayout, PeerOutput
+from mcl_lightning.models.contract import PeerLayout, PeerOutput
 
 
 @register_method("independent")

@@ -29,7 +29,7 @@ from mcl_lightning.contrast.fused import Workspace, fused_multi_view_nce
 from mcl_lightning.methods.base import OKDMethod, register_method
 from mcl_lightning.methods.losses import cross_entropy_per_peer, distill_kl
 from mcl_lightning.models.heads import ProjectionHead
-from mcl_lightning.models.peers import PeerOutput, PeerSpec
+from mcl_lightning.models.contract import PeerOutput, PeerSpec
 from mcl_lightning.core.registry import check_choice
 from mcl_lightning.methods.options import check_kd_options, check_momentum, check_positive, check_projection_dim
 

@@ -31,7 +31,7 @@ from mcl_lightning.contrast import float32_region
 from mcl_lightning.methods.base import OKDMethod, register_method
 from mcl_lightning.methods.losses import cross_entropy_per_peer, distill_kl, row_kl
 from mcl_lightning.methods.mutual_cl_bank import BankContrast, check_bank_options
-from mcl_lightning.models.peers import PeerLayout, PeerOutput, PeerSpec
+from mcl_lightning.models.contract import PeerLayout, PeerOutput, PeerSpec
 from mcl_lightning.core.registry import check_choice
 from mcl_lightning.methods.options import check_kd_options, check_positive, check_projection_dim
 

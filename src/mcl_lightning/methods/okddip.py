@@ -29,7 +29,7 @@ from mcl_lightning.methods.base import OKDMethod, register_method
 from mcl_lightning.methods.losses import cross_entropy_per_peer, distill_kl
 from mcl_lightning.methods.one import sigmoid_rampup
 from mcl_lightning.methods.options import check_kd_options
-from mcl_lightning.models.peers import PeerLayout, PeerOutput, PeerSpec
+from mcl_lightning.models.contract import PeerLayout, PeerOutput, PeerSpec
 
 
 @register_method("okddip")

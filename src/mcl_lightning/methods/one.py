@@ -26,7 +26,7 @@ from mcl_lightning.contrast import float32_region
 from mcl_lightning.methods.options import check_kd_options
 from mcl_lightning.methods.base import OKDMethod, register_method
 from mcl_lightning.methods.losses import cross_entropy_per_peer, distill_kl
-from mcl_lightning.models.peers import PeerLayout, PeerOutput, PeerSpec
+from mcl_lightning.models.contract import PeerLayout, PeerOutput, PeerSpec
 
 
 def sigmoid_rampup(epoch: float, length: float) -> float:

@@ -10,7 +10,8 @@ from mcl_lightning.models import (  # noqa: F401  (register the backbones)
     wrn,
 )
 from mcl_lightning.models.heads import ProjectionHead
-from mcl_lightning.models.peers import TOPOLOGIES, PeerLayout, PeerNetwork, PeerOutput, PeerSpec, build_peers
+from mcl_lightning.models.contract import TOPOLOGIES, PeerLayout, PeerOutput, PeerSpec
+from mcl_lightning.models.peers import PeerNetwork, build_peers
 from mcl_lightning.models.registry import (
     StagedBackbone,
     count_parameters,

@@ -30,7 +30,8 @@ from torch import Tensor, nn
 
 from mcl_lightning.core.errors import ConfigError
 from mcl_lightning.models.cifar_resnet import BasicBlock, Bottleneck
-from mcl_lightning.models.peers import PeerNetwork, PeerOutput, PeerSpec, split_gradient
+from mcl_lightning.models.contract import PeerOutput, PeerSpec
+from mcl_lightning.models.peers import PeerNetwork, split_gradient
 from mcl_lightning.models.wrn import WideBasicBlock
 
 # Modules whose forward mixes channels only through their sub-modules (so replacing those by

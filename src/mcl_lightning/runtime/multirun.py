@@ -1,0 +1,53 @@
+"""A Hydra multirun of the training entry point on the joblib launcher, from another process: the
+command, a progress line while it runs, and the results.json of each job afterwards
+(``mcl_lightning.reproduce`` runs its probes and its study this way).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+def override_key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def merged(base: list[str], user: list[str]) -> list[str]:
+    """``base`` overrides less those ``user`` sets, then ``user``'s (Hydra refuses a key set twice)."""
+    keys = {override_key(o) for o in user}
+    return [o for o in base if override_key(o) not in keys] + user
+
+
+def multirun(out: Path, log: Path, concurrency: int, sweep: list[str], overrides: list[str],
+             heartbeat: str, expected: int) -> int:
+    """One Hydra multirun of ``mcl_lightning.train`` on the joblib launcher; output to ``log``,
+    a progress line every 30 s. Returns the exit status."""
+    command = [sys.executable, "-m", "mcl_lightning.train", "-m", "hydra/launcher=joblib",
+               f"hydra.launcher.n_jobs={concurrency}", f"hydra.sweep.dir={out}", *sweep, *overrides]
+    log.parent.mkdir(parents=True, exist_ok=True)
+    start = time.monotonic()
+    with log.open("w") as stream:
+        stream.write(" ".join(command) + "\n")
+        stream.flush()
+        proc = subprocess.Popen(command, stdout=stream, stderr=subprocess.STDOUT)
+        while proc.poll() is None:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                done = len(list(out.glob("*/results.json")))
+                print(f"{heartbeat}: {done}/{expected} runs finished, {time.monotonic() - start:.0f} s", flush=True)
+    return proc.returncode
+
+
+def read_runs(folder: Path) -> dict[int, dict[str, Any]]:
+    """results.json of each job of a multirun, by job number (its position in the sweep)."""
+    runs = {}
+    for path in folder.glob("*/results.json"):
+        if path.parent.name.isdigit():
+            runs[int(path.parent.name)] = {**json.loads(path.read_text()), "_path": str(path)}
+    return runs
