@@ -17,10 +17,10 @@ install:
 # that spends its first seconds importing torch + Lightning on one core. TEST_WORKERS=0: one process.
 TEST_WORKERS ?= 2
 test:
-	MCL_DATA_ROOT=$(DATA_ROOT) OMP_WAIT_POLICY=$(OMP_WAIT_POLICY) $(PY) -m pytest -m "not slow" -q -n $(TEST_WORKERS)
+	MCL_DATA_ROOT=$(DATA_ROOT) OMP_WAIT_POLICY=$(OMP_WAIT_POLICY) $(PY) -m pytest -m "not slow" -q -n $(TEST_WORKERS) --dist loadgroup
 
 test-all:
-	MCL_DATA_ROOT=$(DATA_ROOT) OMP_WAIT_POLICY=$(OMP_WAIT_POLICY) $(PY) -m pytest -q -n $(TEST_WORKERS)
+	MCL_DATA_ROOT=$(DATA_ROOT) OMP_WAIT_POLICY=$(OMP_WAIT_POLICY) $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 # The documentation site (mkdocs.yml, docs/) into build/site; --strict fails on a broken link or anchor, or a
 # `:::` API reference that does not resolve. `python -m http.server -d build/site` serves it.
@@ -39,7 +39,7 @@ test-oldest:
 	test -x $(OLDEST_VENV)/bin/python || $(PYTHON) -m venv $(OLDEST_VENV)
 	$(OLDEST_VENV)/bin/python -m pip install -q $(OLDEST) -e . pytest pytest-xdist
 	$(OLDEST_VENV)/bin/python -m pip check
-	MCL_DATA_ROOT=$(DATA_ROOT) OMP_WAIT_POLICY=$(OMP_WAIT_POLICY) $(OLDEST_VENV)/bin/python -m pytest -m "not slow" -q -n $(TEST_WORKERS) $(UNIT_TESTS)
+	MCL_DATA_ROOT=$(DATA_ROOT) OMP_WAIT_POLICY=$(OMP_WAIT_POLICY) $(OLDEST_VENV)/bin/python -m pytest -m "not slow" -q -n $(TEST_WORKERS) --dist loadgroup $(UNIT_TESTS)
 
 train:
 	$(PY) -m mcl_lightning.train peers=4 backbone=resnet56 data.root=$(DATA_ROOT)

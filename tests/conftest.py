@@ -239,3 +239,16 @@ def child_pids(pid: int) -> list[int]:
 def process_env(pid: int) -> dict[str, str]:
     raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
     return dict(entry.decode(errors="replace").split("=", 1) for entry in raw if b"=" in entry)
+
+
+# Session fixtures that run training: under pytest-xdist (make test: --dist loadgroup) every test that
+# uses one goes to the same worker, so each is built once rather than once per worker.
+SHARED_RUNS = ("finished_run", "reencoded_root")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        for fixture in SHARED_RUNS:
+            if fixture in getattr(item, "fixturenames", ()):
+                item.add_marker(pytest.mark.xdist_group(fixture))
+                break

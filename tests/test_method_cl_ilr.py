@@ -12,8 +12,7 @@ from mcl_lightning.methods import CLILR
 from mcl_lightning.models import PeerLayout, PeerNetwork, PeerOutput, PeerSpec
 from mcl_lightning.train import build_network
 
-from conftest import attached, check_two_peer_run, meta_training_step, tiny_training_run
-from test_train import run_train
+from conftest import attached, meta_training_step
 
 
 def reference_cl_ilr(logits, labels, t=2.0):
@@ -174,18 +173,3 @@ def test_training_step_has_no_host_sync():
     method = CLILR()
     method.attach(peers.spec())
     meta_training_step(peers, method)
-
-
-def test_cli_run_on_real_data(tmp_path, data_root):
-    results, _, _ = tiny_training_run(tmp_path / "run", data_root, "method=cl_ilr", "peers=2", "backbone=resnet20",
-                                      terms=("ce", "collaborative_kd"))
-    check_two_peer_run(results, "cl_ilr", "shared_trunk")
-    assert "0..N-2" in results["ensemble"]
-
-
-def test_cli_refuses_heterogeneous_peers_with_one_line(tmp_path, data_root):
-    proc = run_train("method=cl_ilr", "peers=[resnet20,wrn_16_2]", f"data.root={data_root}",
-                     f"hydra.run.dir={tmp_path}")
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]  # besides "Seed set to 0"
-    assert len(errors) == 1 and "cl_ilr" in errors[0] and "resnet20, wrn_16_2" in errors[0], proc.stderr

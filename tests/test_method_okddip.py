@@ -13,9 +13,8 @@ from mcl_lightning.methods import OKDDip
 from mcl_lightning.models import PeerNetwork, PeerOutput, PeerSpec, count_parameters
 from mcl_lightning.train import build_network
 
-from conftest import check_two_peer_run, fp32_and_bf16_losses, only_error_line, tiny_training_run
+from conftest import fp32_and_bf16_losses
 from reference64 import cross_entropy64, kl64
-from test_train import run_train
 
 WIDTH = 16
 
@@ -172,16 +171,3 @@ def test_loss_under_bf16_autocast_matches_float32():
 
     fp32, bf16 = fp32_and_bf16_losses(peers, method, check)
     assert abs(bf16["ce"] - fp32["ce"]) / fp32["ce"] < 1e-2
-
-
-def test_heterogeneous_peers_through_the_cli_are_one_clear_message(tmp_path):
-    error = only_error_line(run_train("method=okddip", "peers=[resnet20,wrn_16_2]", f"hydra.run.dir={tmp_path}"))
-    assert "'okddip'" in error and "resnet20, wrn_16_2" in error
-
-
-def test_short_real_cifar100_run_through_the_cli(tmp_path, data_root):
-    results, _, _ = tiny_training_run(tmp_path / "run", data_root, "method=okddip", "peers=2", "backbone=resnet20",
-                                      terms=("ce", "peer_kd", "leader_kd"))
-    state = check_two_peer_run(results, "okddip", "shared_trunk", OKDDip.ensemble_description)
-    assert results["config"]["method"]["rampup_epochs"] == 80
-    assert {"method.query.weight", "method.key.weight"} <= set(state)

@@ -14,9 +14,8 @@ from mcl_lightning.methods.one import sigmoid_rampup
 from mcl_lightning.models import PeerNetwork, PeerOutput, PeerSpec, count_parameters
 from mcl_lightning.train import build_network
 
-from conftest import check_two_peer_run, fp32_and_bf16_losses, only_error_line, tiny_training_run
+from conftest import fp32_and_bf16_losses
 from reference64 import cross_entropy64, kl64
-from test_train import run_train
 
 TRUNK_CHANNELS = 16
 
@@ -181,17 +180,3 @@ def test_loss_under_bf16_autocast_matches_float32():
     fp32, bf16 = fp32_and_bf16_losses(peers, method, check)
     for name in ("ce", "ensemble_ce"):
         assert abs(bf16[name] - fp32[name]) / fp32[name] < 1e-2, name
-
-
-def test_heterogeneous_peers_through_the_cli_are_one_clear_message(tmp_path):
-    error = only_error_line(run_train("method=one", "peers=[resnet20,wrn_16_2]", f"hydra.run.dir={tmp_path}"))
-    assert "'one'" in error and "resnet20, wrn_16_2" in error and "one backbone" in error
-
-
-def test_short_real_cifar100_run_through_the_cli(tmp_path, data_root):
-    results, _, _ = tiny_training_run(tmp_path / "run", data_root, "method=one", "peers=2", "backbone=resnet20",
-                                      terms=("ce", "ensemble_ce", "kd"))
-    state = check_two_peer_run(results, "one", "shared_trunk", ONE.ensemble_description)
-    assert results["config"]["method"]["kd_temperature"] == 3.0
-    assert {"method.gate.fc.weight", "method.gate.norm.running_mean"} <= set(state)
-    assert len([k for k in state if k.startswith("peers.trunk.")]) > 0

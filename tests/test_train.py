@@ -21,7 +21,7 @@ from mcl_lightning.methods import OKDMethod
 from mcl_lightning.models import PeerNetwork, count_parameters
 from mcl_lightning.train import build_network
 
-from conftest import TINY, tiny_training_run  # noqa: F401  (TINY: imported by other test files)
+from conftest import TINY, check_two_peer_run, only_error_line, tiny_training_run  # noqa: F401  (TINY: imported by other test files)
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 def options(group: str) -> list[str]:
@@ -216,6 +216,34 @@ def test_heterogeneous_peers_through_the_entry_point(tmp_path, data_root):
                      f"hydra.run.dir={tmp_path / 'x'}")
     assert proc.returncode == 2 and "cannot share a trunk; set topology=independent" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+# The shared-trunk baselines through the entry point: the loss terms each logs, a config value of its
+# recipe, and the method's own state its checkpoint must hold.
+SHARED_TRUNK_RUNS = {
+    "one": (("ce", "ensemble_ce", "kd"), ("kd_temperature", 3.0), {"method.gate.fc.weight", "method.gate.norm.running_mean"}),
+    "okddip": (("ce", "peer_kd", "leader_kd"), ("rampup_epochs", 80), {"method.query.weight", "method.key.weight"}),
+    "cl_ilr": (("ce", "collaborative_kd"), ("kd_temperature", 2.0), set()),
+}
+
+
+@pytest.mark.parametrize("method", sorted(SHARED_TRUNK_RUNS))
+def test_shared_trunk_methods_train_through_the_entry_point(tmp_path, data_root, method):
+    terms, (option, value), method_state = SHARED_TRUNK_RUNS[method]
+    results, _, _ = tiny_training_run(tmp_path / "run", data_root, f"method={method}", "peers=2",
+                                      "backbone=resnet20", terms=terms)
+    expected = instantiate(_compose([f"method={method}"]).method).ensemble_description
+    state = check_two_peer_run(results, method, "shared_trunk", expected)
+    assert results["config"]["method"][option] == value
+    assert method_state <= set(state) and any(k.startswith("peers.trunk.") for k in state)
+
+
+@pytest.mark.parametrize("method", ["cl_ilr", "one", "okddip"])
+def test_methods_of_one_backbone_refuse_different_peers_with_one_line(tmp_path, method):
+    """Their references share layers (or projections) between peers: different backbones are refused
+    before any data is read, naming the method and the peers."""
+    error = only_error_line(run_train(f"method={method}", "peers=[resnet20,wrn_16_2]", f"hydra.run.dir={tmp_path}"))
+    assert f"'{method}'" in error and "resnet20, wrn_16_2" in error and "one backbone" in error
 
 
 @pytest.mark.slow  # a real multirun: test_report.py runs one by default
