@@ -86,3 +86,24 @@ def test_overrides_the_user_sets_replace_the_fast_path_and_reserved_keys_are_ref
     args = reproduce.parse_args(["--seeds", "0,1,2", "--concurrency", "6,1,4", "data.root=/d"])
     assert args.seeds == [0, 1, 2] and args.concurrency == [1, 4, 6] and args.overrides == ["data.root=/d"]
     assert args.experiments == ["cifar100/mcl_okd_resnet32", "cifar100/dml_resnet32", "cifar100/baseline_resnet32"]
+
+
+def test_a_missing_joblib_is_one_clear_error_before_any_work(monkeypatch, tmp_path, capsys):
+    import importlib.util
+
+    from mcl_lightning import gpu_evidence
+    from mcl_lightning.runtime import multirun
+
+    assert multirun.missing_launcher_packages() == []  # a dependency of the package: installed here
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a, **k: None if name == "joblib" else real_find_spec(name, *a, **k))
+    assert multirun.missing_launcher_packages() == ["joblib"]
+    with pytest.raises(ConfigError, match="pip install joblib$"):
+        reproduce.parse_args(["data.root=/d"])
+    # gpu_evidence says so before its benchmark spends the first part of a GPU lease
+    out = tmp_path / "evidence"
+    with pytest.raises(SystemExit) as exit_:
+        gpu_evidence.main(["--out", str(out), f"data.root={tmp_path}"])
+    assert exit_.value.code == 2 and not out.exists()
+    assert capsys.readouterr().err.strip().endswith("pip install joblib")

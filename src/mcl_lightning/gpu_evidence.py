@@ -32,6 +32,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mcl_lightning.core.errors import ConfigError
+from mcl_lightning.runtime.multirun import require_launcher
+
 STUDY_RESERVE_S = 15.0  # the study's own budget ends this long before ours
 
 
@@ -80,6 +83,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"error: data.root={value} is not a folder; point it at the folder that holds cifar-100-python/",
                   file=sys.stderr)
             sys.exit(2)
+    try:  # the study's launcher, checked before the benchmark spends its share of the lease
+        require_launcher()
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
     out: Path = args.out
     if (out / "evidence.json").exists() or (out / "study").exists():
         print(f"error: --out {out} already holds evidence; choose another folder (make gpu-evidence EVIDENCE=...)",

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from mcl_lightning.core.errors import ConfigError, UserError
-from mcl_lightning.runtime.multirun import merged, multirun, override_key, read_runs
+from mcl_lightning.runtime.multirun import merged, multirun, override_key, read_runs, require_launcher
 from mcl_lightning.runtime.study import PAPER_MATRIX, costs_at, gaps, plan_epochs, probe_slots
 
 FAST_PATH = ["trainer=gpu", "data.device_resident=true", "perf.channels_last=true"]
@@ -155,6 +155,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     bad = [o for o in args.overrides if override_key(o) in ("experiment", "seed", "hydra.run.dir", "hydra.sweep.dir")]
     if bad:
         raise ConfigError(f"{' '.join(bad)}: use --experiments, --seeds and --out instead")
+    require_launcher()
     return args
 
 

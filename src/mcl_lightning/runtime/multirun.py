@@ -5,12 +5,15 @@ command, a progress line while it runs, and the results.json of each job afterwa
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from mcl_lightning.core.errors import ConfigError
 
 
 def override_key(override: str) -> str:
@@ -21,6 +24,29 @@ def merged(base: list[str], user: list[str]) -> list[str]:
     """``base`` overrides less those ``user`` sets, then ``user``'s (Hydra refuses a key set twice)."""
     keys = {override_key(o) for o in user}
     return [o for o in base if override_key(o) not in keys] + user
+
+
+def missing_launcher_packages() -> list[str]:
+    """The packages the joblib launcher needs that this interpreter cannot import (Hydra would only
+    fail inside the multirun, after the work before it)."""
+    needs = {"hydra-joblib-launcher": "hydra_plugins.hydra_joblib_launcher", "joblib": "joblib"}
+    missing = []
+    for package, module in needs.items():
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:  # the parent namespace (hydra_plugins) is absent
+            found = False
+        if not found:
+            missing.append(package)
+    return missing
+
+
+def require_launcher() -> None:
+    """One clear error, before any work, when the joblib launcher cannot run here."""
+    missing = missing_launcher_packages()
+    if missing:
+        raise ConfigError(f"the study runs on Hydra's joblib launcher, and {' and '.join(missing)} "
+                          f"{'is' if len(missing) == 1 else 'are'} not installed: pip install {' '.join(missing)}")
 
 
 def multirun(out: Path, log: Path, concurrency: int, sweep: list[str], overrides: list[str],
