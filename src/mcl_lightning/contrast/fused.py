@@ -1,6 +1,6 @@
 """MCL-OKD's contrastive loss with its gradient computed in the forward pass (one autograd node).
 
-The loss is the same as :func:`mcl_lightning.contrast.nce.multi_view_nce` (CRD-style binary NCE of
+The loss is the same as ``mcl_lightning.contrast.nce.multi_view_nce`` (CRD-style binary NCE of
 every ordered pair of peers a != b, negatives summed, batch averaged, per-batch normaliser Z
 detached); only the way it is computed differs:
 
@@ -172,7 +172,7 @@ def fused_multi_view_nce(
         contrast_idx: (B, K + 1) bank indices, column 0 the positive.
         tau, num_samples, eps: NCE temperature, N_data, epsilon.
         scoring: ``gather`` or ``dense`` (what ``bank`` holds).
-        workspace: scratch buffers reused across calls (CPU only; see :class:`Workspace`).
+        workspace: scratch buffers reused across calls (CPU only; see ``Workspace``).
     """
     if scoring not in SCORING:
         raise ValueError(f"scoring must be one of {SCORING}, got {scoring!r}")

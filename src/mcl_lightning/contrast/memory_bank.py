@@ -28,8 +28,8 @@ class MemoryBank(nn.Module):
 
     Rows start i.i.d. Uniform(-s, s), s = 1/sqrt(dim/3), as the reference (norm about 1, not
     normalised), drawn from a generator seeded by ``seed`` (``None``: the run's seed, see
-    :func:`mcl_lightning.core.rng.run_seed`), not from the global RNG: the initial banks are the same on
-    every rank and for every world size (Lightning's DDP re-seeds the global RNG during setup). ``num_samples`` may be 0 at construction; :meth:`resize` sizes the banks once the
+    ``mcl_lightning.core.rng.run_seed``), not from the global RNG: the initial banks are the same on
+    every rank and for every world size (Lightning's DDP re-seeds the global RNG during setup). ``num_samples`` may be 0 at construction; ``resize`` sizes the banks once the
     training set is known, and loading a checkpoint sizes them from the checkpoint.
 
     ``dtype`` is the storage type: ``float32`` (the reference), or ``bfloat16``/``float16`` to halve

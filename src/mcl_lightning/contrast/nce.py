@@ -27,7 +27,7 @@ def pairwise_logits(bank_rows: Tensor, embeddings: Tensor) -> Tensor:
     Returns:
         (N, N, B, K + 1). One batched product over the N gathered banks replaces the reference's
         N(N - 1) gathers; the a == b terms are computed too (1/N extra arithmetic) and dropped by
-        :func:`multi_view_nce` with a mask, since selecting the off-diagonal pairs by boolean
+        ``multi_view_nce`` with a mask, since selecting the off-diagonal pairs by boolean
         indexing would synchronise the host with the device.
     """
     # (N_a, B, K+1, D) @ (B, D, N_b) -> (N_a, B, K+1, N_b): no copy of the gathered rows (an einsum
@@ -36,7 +36,7 @@ def pairwise_logits(bank_rows: Tensor, embeddings: Tensor) -> Tensor:
 
 
 def dense_pairwise_logits(memory: Tensor, contrast_idx: Tensor, embeddings: Tensor) -> Tensor:
-    """The same (N, N, B, K + 1) logits as :func:`pairwise_logits`, without gathering bank rows.
+    """The same (N, N, B, K + 1) logits as ``pairwise_logits``, without gathering bank rows.
 
     Every bank row is scored against every embedding of the batch in one matrix product
     ((N, N_data, D) x (D, N B)), then the K + 1 scores of each anchor are picked out. When the B
@@ -54,7 +54,7 @@ def dense_pairwise_logits(memory: Tensor, contrast_idx: Tensor, embeddings: Tens
 
 
 def pairwise_scores(bank_rows: Tensor, embeddings: Tensor, tau: float) -> Tensor:
-    """``s[a, b, n, k] = exp(m_a[c_{n,k}] . z_{b,n} / tau)``: (N, N, B, K + 1); see :func:`pairwise_logits`."""
+    """``s[a, b, n, k] = exp(m_a[c_{n,k}] . z_{b,n} / tau)``: (N, N, B, K + 1); see ``pairwise_logits``."""
     return torch.exp(pairwise_logits(bank_rows, embeddings) / tau)
 
 
@@ -85,7 +85,7 @@ def nce_loss(scores: Tensor, num_samples: int, eps: float = 1e-7, global_normali
         L = -(1/B) sum_n [ log(P_0 / (P_0 + K Pn + eps)) + sum_k log(K Pn / (P_k + K Pn + eps)) ]
 
     with Pn = 1 / N_data: negatives summed, batch averaged. Returns (...,), one loss per term.
-    Under DDP the mean in Z is over the global batch (``global_normaliser``, see :func:`score_means`);
+    Under DDP the mean in Z is over the global batch (``global_normaliser``, see ``score_means``);
     the average over B stays per rank, and DDP's gradient averaging makes it the global average.
     """
     k = scores.shape[-1] - 1

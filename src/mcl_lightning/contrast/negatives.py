@@ -7,13 +7,13 @@ P samples of the anchor's class, distinct, go between the two: ``[positive, P sa
 negatives]``. The reference draws these per item with NumPy inside the
 dataset; here one vectorised draw per batch runs on the training device, with no host sync.
 
-The random numbers are keyed by ``(seed, step, dataset index)`` (:mod:`mcl_lightning.core.rng`), not by
+The random numbers are keyed by ``(seed, step, dataset index)`` (``mcl_lightning.core.rng``), not by
 a process's RNG state: an anchor's negatives at a given step do not depend on which rank holds it
 or on the rest of its batch, so every DDP rank draws its own negatives and a 2-rank run draws
 exactly what a 1-rank run on the same global batches draws.
 
 Without replacement, a row's K negatives are a uniformly random K-subset of its pool, drawn in one
-of two ways, chosen once at :meth:`NegativeSampler.bind` by memory:
+of two ways, chosen once at ``NegativeSampler.bind`` by memory:
 
 - ``sparse`` (whenever K is small next to the pool, e.g. every ImageNet setting): draw M >= K
   candidates with replacement and keep the first K distinct ones in draw order (the first K distinct
@@ -103,7 +103,7 @@ class NegativeSampler(nn.Module):
             replacement (its CIFAR behaviour) the K negatives of a row are distinct, and K may not
             exceed the smallest negative pool.
         seed: the key of the random numbers; ``None`` takes the run's seed (``seed_everything``,
-            see :func:`mcl_lightning.core.rng.run_seed`) at :meth:`bind`.
+            see ``mcl_lightning.core.rng.run_seed``) at ``bind``.
         same_class: P extra columns after the positive, P distinct samples of the anchor's class
             (uniform P-subset of the class, the anchor itself included, as winycg/MCL@236da2f
             ``dataset/imagenet.py:69`` draws ``pos_k`` from ``cls_positive`` without replacement).

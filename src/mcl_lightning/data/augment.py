@@ -8,8 +8,8 @@ ImageNet: ``RandomResizedCrop(224)`` + flip for training, ``Resize(256)`` + ``Ce
 evaluation, on decoded uint8 images of any size, in a worker process or on the training device.
 
 Random parameters come either from a ``torch.Generator``/the default RNG, or from per-sample keys
-(:func:`sample_keys`: seed, epoch, dataset index), so that an image's augmentation does not depend
-on the rank, the batch or the process that handles it (see :mod:`mcl_lightning.core.rng`).
+(``sample_keys``: seed, epoch, dataset index), so that an image's augmentation does not depend
+on the rank, the batch or the process that handles it (see ``mcl_lightning.core.rng``).
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def random_crop_flip(
     ``[0, 2 * padding]``) followed by ``RandomHorizontalFlip()``, drawn independently for every
     image of the (B, C, H, W) batch. Returns a new tensor of the same shape and dtype.
 
-    Random numbers come from ``keys`` (one per image, :func:`sample_keys`), else from ``generator``
+    Random numbers come from ``keys`` (one per image, ``sample_keys``), else from ``generator``
     (on its own device), else from torch's default RNG on the images' device.
     """
     if images_uint8.ndim != 4:
@@ -118,7 +118,7 @@ def random_crop_flip(
 
 
 def sample_key(seed: int, epoch: int, index: int) -> int:
-    """:func:`sample_keys` for one sample, on Python ints (the same value)."""
+    """``sample_keys`` for one sample, on Python ints (the same value)."""
     return rng.mix_int(rng.mix_int(rng.key_int(seed, rng.STREAM_AUGMENT), epoch), index)
 
 

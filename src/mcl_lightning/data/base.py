@@ -1,7 +1,7 @@
 """The data contract between a DataModule and the rest of mcl-lightning, and its generic parts.
 
 The system and the entry point read four things off the DataModule (by duck typing, so any
-``LightningDataModule`` with them works; :class:`OKDData` states them as a protocol):
+``LightningDataModule`` with them works; ``OKDData`` states them as a protocol):
 
 - ``num_classes`` (int): known at construction, before ``setup`` (the model is built from it);
 - ``batch_size`` (int): the *global* training batch, split evenly across the DDP ranks;
@@ -13,10 +13,10 @@ The system and the entry point read four things off the DataModule (by duck typi
 and every batch, after ``on_after_batch_transfer``, is ``(images float (B, C, H, W), labels int64
 (B,), dataset indices int64 (B,))``.
 
-:class:`OKDDataModule` implements the parts that do not depend on the dataset: the global batch
+``OKDDataModule`` implements the parts that do not depend on the dataset: the global batch
 split across ranks, the samplers that make a W-rank run equal to a 1-rank run and evaluate every
-image exactly once (:mod:`mcl_lightning.data.sampling`), per-sample augmentation keys, and the
-loaders. CIFAR (:mod:`~mcl_lightning.data.cifar`) and ImageNet (:mod:`~mcl_lightning.data.imagenet`)
+image exactly once (``mcl_lightning.data.sampling``), per-sample augmentation keys, and the
+loaders. CIFAR (``~mcl_lightning.data.cifar``) and ImageNet (``~mcl_lightning.data.imagenet``)
 are two subclasses; your own dataset is a third (docs/guide/data.md, "Your own dataset").
 """
 
@@ -42,7 +42,7 @@ Batch = tuple[Tensor, Tensor, Tensor]
 
 @runtime_checkable
 class OKDData(Protocol):
-    """What :class:`~mcl_lightning.system.OKDSystem` and ``train.py`` read off a DataModule."""
+    """What ``~mcl_lightning.system.OKDSystem`` and ``train.py`` read off a DataModule."""
 
     batch_size: int
 

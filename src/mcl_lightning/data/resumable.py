@@ -3,7 +3,7 @@
 Lightning saves ``state_dict()`` of a training loader that has one in every checkpoint and calls
 ``load_state_dict`` on restart, before the loader is iterated (it does not fast-forward a plain
 ``DataLoader``: a mid-epoch restart would start the epoch's order again). The order of
-:class:`~mcl_lightning.data.sampling.GlobalOrderSampler` is a pure function of ``(seed, epoch)``, so
+``~mcl_lightning.data.sampling.GlobalOrderSampler`` is a pure function of ``(seed, epoch)``, so
 the state is ``(seed, epoch, samples this rank has handed out)`` and a resumed run continues with
 the next batch of the same order, on one device or W. Creating the iterator draws nothing from the
 global RNG either (the loader has its own generator for the workers' base seed).

@@ -3,7 +3,7 @@
 In-batch supervised contrastive losses (``method=mutual_cl``) need every anchor to have a same-class
 partner in the batch; with B = 128 drawn at random from CIFAR-100's 100 classes many have none.
 winycg/MCL trains with ``MPerClassSampler(labels, m=2, batch_size=128, length_before_new_iter=50000)``
-(``main_cifar.py:99-101``, ``dataset/class_sampler.py``); :class:`ClassBalancedBatchSampler` draws
+(``main_cifar.py:99-101``, ``dataset/class_sampler.py``); ``ClassBalancedBatchSampler`` draws
 batches the same way, from a seeded torch generator, and splits them across DDP ranks.
 """
 

@@ -1,11 +1,11 @@
 """Samplers that make a W-rank run see what a 1-rank run sees.
 
-- Training: :class:`GlobalOrderSampler`, torch's ``DistributedSampler`` used on every world size
+- Training: ``GlobalOrderSampler``, torch's ``DistributedSampler`` used on every world size
   (one rank included): one seeded permutation per epoch, rank r takes positions r, r + W, ... So
   the union of the W ranks' step-t batches (per-device batch B/W) is exactly the 1-rank run's
   step-t batch (batch B). ``yield_epoch=True`` yields ``(index, epoch)`` pairs, for datasets whose
   augmentation runs in worker processes and is keyed by the epoch.
-- Evaluation: :class:`EvalShardSampler`, rank r takes r, r + W, ... *without padding*, so every
+- Evaluation: ``EvalShardSampler``, rank r takes r, r + W, ... *without padding*, so every
   image is evaluated exactly once whatever the world size (the torchmetrics states are summed
   over ranks). Lightning's own DistributedSampler would repeat images to even out the ranks.
 

@@ -1,6 +1,6 @@
 """Mutual Contrastive Learning (Yang, An, Cai, Xu, AAAI 2022), winycg/MCL@236da2f: the CIFAR
 in-batch loss (``main_cifar.py``, ``losses/cifar_sup_mcl_loss.py``; ``contrast="batch"``, below) and
-the ImageNet memory-bank loss (``contrast="bank"``, :mod:`mcl_lightning.methods.mutual_cl_bank`).
+the ImageNet memory-bank loss (``contrast="bank"``, ``mcl_lightning.methods.mutual_cl_bank``).
 
 ``contrast="batch"``: every network has its own projection MLP, z_i = normalise(W2 relu(W1 h_i)) in R^128, and
 s^{ij} = z_i z_j^T / tau is the (B, B) similarity of network i's anchors to network j's embeddings of

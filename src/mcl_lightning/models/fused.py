@@ -15,7 +15,7 @@ alpha = gamma = 1; see docs/benchmarks.md for what it measures).
 
 The module keeps the peer network's interface (``spec``, ``build_spec``, ``export_peer``,
 ``PeerOutput``) and its checkpoint layout: ``state_dict`` writes, and ``load_state_dict`` reads,
-the keys of the equivalent :class:`PeerNetwork` (``branches.<i>....``, ``classifiers.<i>....``),
+the keys of the equivalent ``PeerNetwork`` (``branches.<i>....``, ``classifiers.<i>....``),
 so checkpoints, ``mcl_lightning.export`` and evaluation do not know the difference. Optimiser
 state (momentum buffers) has the fused shapes: resume with the same ``perf.fuse_peers`` setting.
 """
@@ -96,8 +96,8 @@ def _fuse(modules: Sequence[nn.Module], where: str) -> nn.Module:
 
 
 class FusedPeerNetwork(nn.Module):
-    """A :class:`PeerNetwork` of identical peers (independent, or shared trunk without pair stage)
-    computed as one grouped network; build it with :meth:`from_peers`."""
+    """A ``PeerNetwork`` of identical peers (independent, or shared trunk without pair stage)
+    computed as one grouped network; build it with ``from_peers``."""
 
     def __init__(self, peers: PeerNetwork) -> None:
         super().__init__()
@@ -163,13 +163,13 @@ class FusedPeerNetwork(nn.Module):
         return PeerOutput(logits, features, shared if self.has_trunk else None)
 
     def to_peer_network(self) -> PeerNetwork:
-        """The equivalent unfused :class:`PeerNetwork`, with this network's current weights."""
+        """The equivalent unfused ``PeerNetwork``, with this network's current weights."""
         peers = copy.deepcopy(self._template)
         peers.load_state_dict(self.state_dict(), assign=True)
         return peers.to(self.classifier_weight.device)
 
     def export_peer(self, index: int) -> nn.Module:
-        """Peer ``index`` as one plain network (see :meth:`PeerNetwork.export_peer`)."""
+        """Peer ``index`` as one plain network (see ``PeerNetwork.export_peer``)."""
         return self.to_peer_network().export_peer(index)
 
     def extra_repr(self) -> str:

@@ -60,8 +60,8 @@ class PeerNetwork(nn.Module):
         rescale_split_gradients: divide gradients by the number of children at each split.
         feature_dims: each C_i; found with a dummy 32x32 forward pass when not given.
 
-    Build from the registry with :meth:`from_backbone`, or from your own networks with
-    :meth:`from_modules`.
+    Build from the registry with ``from_backbone``, or from your own networks with
+    ``from_modules``.
     """
 
     def __init__(
