@@ -39,6 +39,33 @@ def test_evaluate_a_missing_checkpoint_or_bad_argument_is_one_line(tmp_path):
     assert proc.returncode == 2 and "data.<option>=<value>" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_export_and_evaluate_refuse_a_wrong_path_or_peer_with_one_line(finished_run, tmp_path, capsys):
+    from mcl_lightning import evaluate, export
+    from mcl_lightning.core.errors import UserError
+
+    last = finished_run / "checkpoints" / "last.ckpt"
+    not_a_checkpoint = tmp_path / "results.json"
+    not_a_checkpoint.write_text((finished_run / "results.json").read_text())
+    out = ["--out", str(tmp_path / "peer.pt")]
+    cases = [
+        (export.main, [str(tmp_path / "none.ckpt"), *out], "none.ckpt does not exist"),
+        (export.main, [str(finished_run), *out], f"is a folder; pass a checkpoint file, e.g. {last}"),
+        (export.main, [str(not_a_checkpoint), *out], "results.json is not a checkpoint"),
+        (export.main, [str(last), "--peer", "2", *out], "--peer 2: the checkpoint has 2 peers; pass 0 to 1"),
+        (export.main, [str(last), "--out", str(tmp_path / "missing" / "peer.pt")], "missing does not exist; create it"),
+        (evaluate.main, [str(finished_run)], "is a folder"),
+        (evaluate.main, [str(not_a_checkpoint)], "is not a checkpoint"),
+    ]
+    for entry, argv, message in cases:
+        with pytest.raises(SystemExit) as exit_:
+            entry(argv)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, (argv, err)
+    assert not (tmp_path / "peer.pt").exists()
+    with pytest.raises(UserError, match="is a folder"):
+        OKDSystem.from_checkpoint(finished_run)
+
+
 def test_a_trained_system_loads_from_its_checkpoint_alone(finished_run):
     path = finished_run / "checkpoints" / "last.ckpt"
     system = OKDSystem.from_checkpoint(path).eval()  # no Hydra, no arguments

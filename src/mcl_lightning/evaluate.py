@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 
 from mcl_lightning.core.errors import ConfigError, UserError
+from mcl_lightning.runtime.checkpointing import read_checkpoint
 from mcl_lightning.runtime.results import nest_metrics, write_results
 from mcl_lightning.system import OKDSystem
 from mcl_lightning.runtime.validation import check_data_root
@@ -40,10 +40,8 @@ def evaluate(path: str | Path, data_overrides: dict[str, Any] | None = None, acc
              precision: str | None = None) -> dict[str, Any]:
     """Top-1/top-5 of every peer, the peer mean and the ensemble on the whole test set."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path} does not exist; pass a checkpoint such as <run dir>/checkpoints/last.ckpt")
-    check_data_root((data_overrides or {}).get("root"))  # before loading anything
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    checkpoint = read_checkpoint(path)  # memory-mapped: cheap; a clear error before the data are checked
+    check_data_root((data_overrides or {}).get("root"))
     system = OKDSystem.from_checkpoint(path)
     datamodule = build_datamodule(checkpoint, data_overrides)
     trainer = L.Trainer(accelerator=accelerator, devices=1, precision=precision or checkpoint.get("precision", "32-true"),

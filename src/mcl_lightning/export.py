@@ -13,18 +13,20 @@ any batch size, at the run's image size), and prints what it is. From Python: ``
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from mcl_lightning.core.errors import ConfigError
+from mcl_lightning.core.errors import ConfigError, UserError
 from mcl_lightning.models import PeerNetwork, count_parameters
+from mcl_lightning.runtime.checkpointing import read_checkpoint
 
 
 def load_peers(checkpoint_path: str | Path) -> PeerNetwork:
     """Rebuild the checkpoint's PeerNetwork (registry backbones) with its trained weights."""
-    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    checkpoint = read_checkpoint(checkpoint_path)
     spec = checkpoint.get("peers_spec")
     if spec is None:
         raise ConfigError(
@@ -40,7 +42,7 @@ def load_peers(checkpoint_path: str | Path) -> PeerNetwork:
 def image_size_of(checkpoint_path: str | Path) -> int:
     """The training images' side: the DataModule's ``image_size`` saved in the checkpoint (ImageNet:
     224), else 32 (CIFAR, whose DataModule has no such option)."""
-    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    checkpoint = read_checkpoint(checkpoint_path)
     return int((checkpoint.get("datamodule_hyper_parameters") or {}).get("image_size", 32))
 
 
@@ -79,7 +81,21 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.out is None and args.program is None:
         parser.error("pass --out (a state_dict), --program (a torch.export program), or both")
+    try:
+        write(args)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+def write(args: argparse.Namespace) -> None:
     peers = load_peers(args.checkpoint)
+    if not -peers.num_peers <= args.peer < peers.num_peers:
+        raise ConfigError(f"--peer {args.peer}: the checkpoint has {peers.num_peers} peers; pass 0 to "
+                          f"{peers.num_peers - 1} (or -1, the last)")
+    for option, path in (("--out", args.out), ("--program", args.program)):
+        if path is not None and not path.expanduser().resolve().parent.is_dir():
+            raise ConfigError(f"{option} {path}: the folder {path.parent} does not exist; create it first")
     network = peers.export_peer(args.peer).eval()
     spec, index = peers.build_spec, args.peer % peers.num_peers
     name = spec["backbone"] if isinstance(spec["backbone"], str) else spec["backbone"][index]

@@ -19,6 +19,7 @@ from torch import Tensor
 from mcl_lightning.core.errors import ConfigError
 from mcl_lightning.core.registry import check_choice
 from mcl_lightning.methods.base import OKDMethod
+from mcl_lightning.runtime.checkpointing import read_checkpoint
 from mcl_lightning.runtime.metrics import PeerMetrics
 from mcl_lightning.models.contract import PeerOutput
 from mcl_lightning.models.peers import PeerNetwork
@@ -192,7 +193,7 @@ class OKDSystem(L.LightningModule):
     @classmethod
     def from_checkpoint(cls, path: str | Path, map_location: Any = "cpu") -> "OKDSystem":
         """The trained system, peers and method rebuilt from the checkpoint alone (no Hydra, no arguments)."""
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        checkpoint = read_checkpoint(path)
         peers_spec, spec = checkpoint.get("peers_spec"), checkpoint.get("method_spec")
         if peers_spec is None or spec is None:
             missing = "peers" if peers_spec is None else "method"

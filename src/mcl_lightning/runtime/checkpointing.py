@@ -8,6 +8,8 @@
   ``Preempted``. (Lightning 2.6's ``ModelCheckpoint(save_last=True)`` refreshes ``last.ckpt`` only
   in epochs that also write a best checkpoint.) Resuming from such a mid-epoch checkpoint continues at the next batch of
   the same epoch order (``data.resumable``), with banks, heads, optimiser and RNG states as they were.
+- ``read_checkpoint``: a checkpoint file, memory-mapped, or one clear error (missing, a folder, not a
+  checkpoint).
 - ``resolve_ckpt_path``: ``ckpt_path=last`` is the newest checkpoint of the run directory (a
   pre-empted job is relaunched with the same command), a directory is its newest checkpoint.
 """
@@ -19,6 +21,7 @@ import os
 import secrets
 import signal
 import threading
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +30,8 @@ import torch
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from mcl_lightning.core.errors import UserError
 
 from mcl_lightning.core.errors import ConfigError
 
@@ -203,3 +208,25 @@ def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> Path | None:
         raise ConfigError(f"ckpt_path={ckpt_path} does not exist; pass a checkpoint such as "
                           "<run dir>/checkpoints/last.ckpt, a run directory, or ckpt_path=last")
     return path
+
+
+def read_checkpoint(path: str | Path, option: str = "") -> dict[str, Any]:
+    """The checkpoint at ``path``, memory-mapped (cheap even with large banks), tensors and plain values
+    only; a ``UserError`` naming the fix when it is missing, a folder or not a checkpoint. ``option``
+    names where the path came from (``"ckpt_path="``) in the message."""
+    path = Path(path)
+    named = f"{option}{path}"
+    if path.is_dir():
+        last = path / "checkpoints" / "last.ckpt" if (path / "checkpoints").is_dir() else path / "last.ckpt"
+        hint = f"e.g. {last}" if last.is_file() else "e.g. <run dir>/checkpoints/last.ckpt"
+        raise UserError(f"{named} is a folder; pass a checkpoint file, {hint}")
+    if not path.is_file():
+        raise UserError(f"{named} does not exist; pass a checkpoint such as <run dir>/checkpoints/last.ckpt")
+    if not zipfile.is_zipfile(path):  # torch.save's format; a truncated checkpoint loses its zip directory too
+        raise UserError(f"{named} is not a checkpoint (not a file torch.save wrote, or cut short); "
+                        "pass a checkpoint such as <run dir>/checkpoints/last.ckpt")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:  # damaged inside, or pickled objects that are not plain values
+        raise UserError(f"{named} cannot be read as a checkpoint ({type(error).__name__}: {str(error)[:160]}); "
+                        "pass a checkpoint such as <run dir>/checkpoints/last.ckpt") from error

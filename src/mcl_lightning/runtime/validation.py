@@ -23,7 +23,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
 from mcl_lightning.runtime.build import build_network, data_options
-from mcl_lightning.runtime.checkpointing import newest_checkpoint, resolve_ckpt_path
+from mcl_lightning.runtime.checkpointing import newest_checkpoint, read_checkpoint, resolve_ckpt_path
 from mcl_lightning.runtime.ddp import check_timeout_s
 from mcl_lightning.core.errors import ConfigError, UserError
 from mcl_lightning.runtime.tracking import check_loggers
@@ -112,11 +112,7 @@ def _status(results: Path) -> str:
 # -- a checkpoint against the config ---------------------------------------------------------------
 def load_checkpoint_meta(path: Path) -> dict[str, Any]:
     """The checkpoint, memory-mapped (cheap even with large banks); a clear error if unreadable."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as error:  # truncated, not a checkpoint, ...
-        raise ConfigError(f"ckpt_path={path} cannot be read as a checkpoint ({type(error).__name__}: "
-                          f"{str(error)[:200]}); pass another checkpoint, e.g. ckpt_path=last") from error
+    return read_checkpoint(path, "ckpt_path=")
 
 
 def checkpoint_differences(checkpoint: dict[str, Any], peers_spec: dict | None, method_spec: dict | None,
