@@ -39,7 +39,7 @@ def test_evaluate_a_missing_checkpoint_or_bad_argument_is_one_line(tmp_path):
     assert proc.returncode == 2 and "data.<option>=<value>" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_export_and_evaluate_refuse_a_wrong_path_or_peer_with_one_line(finished_run, tmp_path, capsys):
+def test_export_and_evaluate_refuse_a_wrong_path_or_peer_with_one_line(finished_run, data_root, tmp_path, capsys):
     from mcl_lightning import evaluate, export
     from mcl_lightning.core.errors import UserError
 
@@ -47,12 +47,28 @@ def test_export_and_evaluate_refuse_a_wrong_path_or_peer_with_one_line(finished_
     not_a_checkpoint = tmp_path / "results.json"
     not_a_checkpoint.write_text((finished_run / "results.json").read_text())
     out = ["--out", str(tmp_path / "peer.pt")]
+    exported, a_list = tmp_path / "exported.pt", tmp_path / "list.pt"
+    torch.save(create_backbone("resnet20", num_classes=100).state_dict(), exported)
+    torch.save([1, 2], a_list)
+    before = {p: p.stat().st_mtime_ns for p in (last, finished_run / "results.json")}
     cases = [
         (export.main, [str(tmp_path / "none.ckpt"), *out], "none.ckpt does not exist"),
         (export.main, [str(finished_run), *out], f"is a folder; pass a checkpoint file, e.g. {last}"),
         (export.main, [str(not_a_checkpoint), *out], "results.json is not a checkpoint"),
         (export.main, [str(last), "--peer", "2", *out], "--peer 2: the checkpoint has 2 peers; pass 0 to 1"),
         (export.main, [str(last), "--out", str(tmp_path / "missing" / "peer.pt")], "missing does not exist; create it"),
+        (export.main, [str(last), "--out", str(last)], "is the input it reads"),
+        (export.main, [str(last), "--out", str(finished_run / "results.json")], "would replace a checkpoint or a run's"),
+        (export.main, [str(last), *out, "--program", str(finished_run)], "is a folder; pass a file name"),
+        (export.main, [str(exported), *out], "holds a network's weights (a state_dict, as export writes), not a"),
+        (export.main, [str(a_list), *out], "holds a list without a state_dict, not a training checkpoint"),
+        (evaluate.main, [str(last), "--out", str(last)], "is the input it reads"),
+        (evaluate.main, [str(last), "--out", str(finished_run / "results.json")], "would replace a checkpoint or a"),
+        (evaluate.main, [str(last), "--out", str(finished_run)], "is a folder; pass a file name"),
+        (evaluate.main, [str(last), f"data.root={data_root}", "data.bogus=1"], "unknown data option data.bogus for"),
+        (evaluate.main, [str(last), f"data.root={data_root}", "data.dataset=cifar10"],
+         "the checkpoint was trained with data.dataset=cifar100"),
+        (evaluate.main, [str(last), "--precision", "17", f"data.root={data_root}"], "--precision 17: Precision"),
         (evaluate.main, [str(finished_run)], "is a folder"),
         (evaluate.main, [str(not_a_checkpoint)], "is not a checkpoint"),
     ]
@@ -62,6 +78,7 @@ def test_export_and_evaluate_refuse_a_wrong_path_or_peer_with_one_line(finished_
         err = capsys.readouterr().err
         assert exit_.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, (argv, err)
     assert not (tmp_path / "peer.pt").exists()
+    assert before == {p: p.stat().st_mtime_ns for p in before}  # the run's files untouched
     with pytest.raises(UserError, match="is a folder"):
         OKDSystem.from_checkpoint(finished_run)
 

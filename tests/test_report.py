@@ -76,6 +76,39 @@ def test_report_on_a_folder_without_results_is_a_clear_error(tmp_path):
     assert proc.returncode == 2 and "no results.json below" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_report_names_a_damaged_or_foreign_file_and_a_bad_out_in_one_line(tmp_path, capsys):
+    good = {"method": "dml", "backbone": "resnet32", "peers": 2, "seed": 0, "final": {}, "best": {}, "config": {}}
+    cases = {
+        "truncated": ('{"method": "dml", "backb', "results.json cannot be read as a run's results.json"),
+        "evaluation": (json.dumps({"checkpoint": "x.ckpt", "test": {}}), "is not a training run's results.json (no"),
+        "binary": (b"PK\x03\x04\xff\xfe", "results.json cannot be read as a run's results.json"),
+    }
+    for name, (content, message) in cases.items():
+        folder = tmp_path / name
+        (folder / "ok").mkdir(parents=True)
+        (folder / "ok" / "results.json").write_text(json.dumps(good))
+        (folder / "bad").mkdir()
+        write = (folder / "bad" / "results.json").write_bytes if isinstance(content, bytes) else \
+            (folder / "bad" / "results.json").write_text
+        write(content)
+        with pytest.raises(SystemExit) as exit_:
+            report_main([str(folder)])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and message in err and str(folder / "bad") in err, err
+        assert len(err.strip().splitlines()) == 1 and not (folder / "report.md").exists()
+    sweep = tmp_path / "sweep"
+    (sweep / "0" / ".hydra").mkdir(parents=True)
+    (sweep / "0" / ".hydra" / "hydra.yaml").write_text("hydra: {sweeper: [")
+    runs = tmp_path / "evaluation" / "ok"
+    for argv, message in (([str(sweep)], "hydra.yaml cannot be read"),
+                          ([str(runs), "--out", str(runs / "results.json" / "x")], "results.json is a file, not a folder"),
+                          ([str(runs), "--out", ""], "--out is empty")):
+        with pytest.raises(SystemExit) as exit_:
+            report_main(argv)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_report_names_what_tells_rows_apart_and_gives_wall_time_and_machine(tmp_path):
     """Options of different methods are not listed as settings (the method column says it); options
     that differ between rows of one method are, and so are non-method settings, with the topology the

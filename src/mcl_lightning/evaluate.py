@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import sys
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 from mcl_lightning.core.errors import ConfigError, UserError
+from mcl_lightning.core.outputs import check_output_file
 from mcl_lightning.runtime.checkpointing import read_checkpoint
 from mcl_lightning.runtime.results import nest_metrics, write_results
 from mcl_lightning.system import OKDSystem
@@ -32,8 +35,17 @@ def build_datamodule(checkpoint: dict[str, Any], overrides: dict[str, Any] | Non
     target = checkpoint.get("datamodule_class") or DEFAULT_DATAMODULE
     module_name, _, name = target.rpartition(".")
     cls = getattr(importlib.import_module(module_name), name)
-    options = {**(checkpoint.get("datamodule_hyper_parameters") or {}), **(overrides or {})}
-    return cls(**options)
+    saved = checkpoint.get("datamodule_hyper_parameters") or {}
+    known = set(inspect.signature(cls).parameters) | set(saved)
+    unknown = sorted(set(overrides or {}) - known)
+    if unknown:
+        raise ConfigError(f"unknown data option {', '.join('data.' + k for k in unknown)} for {name}; "
+                          f"its options: {', '.join(sorted(known))}")
+    for key in ("dataset", "num_classes"):  # the peers' classifiers are fixed by the checkpoint
+        if key in (overrides or {}) and key in saved and overrides[key] != saved[key]:
+            raise ConfigError(f"data.{key}={overrides[key]}: the checkpoint was trained with data.{key}={saved[key]}, "
+                              f"and its classifiers test on that; leave data.{key} unset")
+    return cls(**{**saved, **(overrides or {})})
 
 
 def evaluate(path: str | Path, data_overrides: dict[str, Any] | None = None, accelerator: str = "auto",
@@ -44,8 +56,12 @@ def evaluate(path: str | Path, data_overrides: dict[str, Any] | None = None, acc
     check_data_root((data_overrides or {}).get("root"))
     system = OKDSystem.from_checkpoint(path)
     datamodule = build_datamodule(checkpoint, data_overrides)
-    trainer = L.Trainer(accelerator=accelerator, devices=1, precision=precision or checkpoint.get("precision", "32-true"),
-                        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    try:
+        trainer = L.Trainer(accelerator=accelerator, devices=1, precision=precision or checkpoint.get("precision", "32-true"),
+                            logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    except (MisconfigurationException, ValueError) as error:  # no such device here, an unknown precision
+        raise ConfigError(f"--accelerator {accelerator} --precision {precision or 'as trained'}: {error} "
+                          "(e.g. --accelerator cpu, --precision 32-true)") from None
     trainer.test(system, datamodule=datamodule, verbose=False)
     return {
         "checkpoint": str(path),
@@ -86,15 +102,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("overrides", nargs="*", help="data.<option>=<value>, e.g. data.root=/path/to/data")
     parser.add_argument("--out", type=Path, help="where to write the JSON (default: <checkpoint>.eval.json)")
-    parser.add_argument("--accelerator", default="auto", help="cpu, gpu or auto (one device)")
+    parser.add_argument("--accelerator", default="auto", choices=("auto", "cpu", "gpu", "cuda", "mps"),
+                        help="one device (default: auto)")
     parser.add_argument("--precision", help="default: the training run's precision")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # data.root=... before or after the options
+    out = args.out or args.checkpoint.with_name(args.checkpoint.name + ".eval.json")
     try:
+        check_output_file(out, "--out", inputs=(args.checkpoint,))  # before the test pass, not after it
         result = evaluate(args.checkpoint, parse_overrides(args.overrides), args.accelerator, args.precision)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
-    out = write_results(args.out or args.checkpoint.with_name(args.checkpoint.name + ".eval.json"), result)
+    out = write_results(out, result)
     print(format_evaluation(result))
     print(f"written: {out}")
 

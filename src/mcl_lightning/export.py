@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from mcl_lightning.core.errors import ConfigError, UserError
+from mcl_lightning.core.outputs import check_output_file
 from mcl_lightning.models import PeerNetwork, count_parameters
 from mcl_lightning.runtime.checkpointing import read_checkpoint
 
@@ -89,13 +90,13 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def write(args: argparse.Namespace) -> None:
+    for option, path in (("--out", args.out), ("--program", args.program)):  # both, before writing either
+        if path is not None:
+            check_output_file(path, option, inputs=(args.checkpoint,), create_parent=False)
     peers = load_peers(args.checkpoint)
     if not -peers.num_peers <= args.peer < peers.num_peers:
         raise ConfigError(f"--peer {args.peer}: the checkpoint has {peers.num_peers} peers; pass 0 to "
                           f"{peers.num_peers - 1} (or -1, the last)")
-    for option, path in (("--out", args.out), ("--program", args.program)):
-        if path is not None and not path.expanduser().resolve().parent.is_dir():
-            raise ConfigError(f"{option} {path}: the folder {path.parent} does not exist; create it first")
     network = peers.export_peer(args.peer).eval()
     spec, index = peers.build_spec, args.peer % peers.num_peers
     name = spec["backbone"] if isinstance(spec["backbone"], str) else spec["backbone"][index]

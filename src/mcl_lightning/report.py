@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from mcl_lightning.core.errors import UserError
+from mcl_lightning.core.outputs import check_output_file
+from mcl_lightning.runtime.results import read_results
 from mcl_lightning.sweep_report import optuna_sweeper, sweep_report
 
 # Config keys that say where or how often, not what was trained: never part of a row's identity.
@@ -91,7 +93,7 @@ def summarise_runs(paths: list[Path]) -> list[dict[str, Any]]:
     """One row per configuration (runs differing only in seed pooled), with per-metric statistics."""
     groups: dict[str, dict[str, Any]] = {}
     for path in paths:
-        results = json.loads(path.read_text())
+        results = read_results(path)
         identity = _identity(results.get("config") or {})
         identity.update(method=results["method"], backbone=results["backbone"], peers=results["peers"])
         for derived in DERIVED_KEYS:  # copies of the columns above (``${peers}`` etc.), or the method's default
@@ -242,8 +244,8 @@ def report(root: str | Path, out: str | Path | None = None) -> tuple[list[dict[s
     if not paths:
         raise UserError(f"no results.json below {root}; point at a finished run or sweep directory")
     rows = summarise_runs(paths)
-    stem = Path(out) if out else (Path(root) if Path(root).is_dir() else Path(root).parent) / "report"
-    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem = Path(out) if out is not None else (Path(root) if Path(root).is_dir() else Path(root).parent) / "report"
+    check_output_file(stem, "--out")  # also makes its folder
     md, csv_path = stem.with_suffix(".md"), stem.with_suffix(".csv")
     md.write_text(to_markdown(rows) + "\n")
     write_csv(rows, csv_path)

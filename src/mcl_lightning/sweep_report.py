@@ -11,27 +11,36 @@ that peer's test top-1 for reference; the best trial by the sweep's direction is
 from __future__ import annotations
 
 import csv
-import json
 import math
 from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
 
-from mcl_lightning.runtime.results import objective
+from mcl_lightning.core.errors import UserError, one_line
+from mcl_lightning.core.outputs import check_output_file
+from mcl_lightning.runtime.results import objective, read_results
+
+
+def _load_yaml(path: Path) -> Any:
+    try:
+        return OmegaConf.load(path)
+    except Exception as error:  # damaged: a parser error, not a bug here
+        raise UserError(f"{path} cannot be read ({one_line(error)}); "
+                        "repair or remove that job folder") from None
 
 
 def optuna_sweeper(root: Path) -> dict[str, Any] | None:
     """The Optuna sweeper's config (direction, params) if ``root``'s jobs ran under it, else None."""
     for hydra_yaml in sorted(Path(root).glob("*/.hydra/hydra.yaml")):
-        sweeper = OmegaConf.to_container(OmegaConf.load(hydra_yaml).hydra.sweeper, resolve=False)
+        sweeper = OmegaConf.to_container(_load_yaml(hydra_yaml).hydra.sweeper, resolve=False)
         return sweeper if "optuna" in str(sweeper.get("_target_", "")).lower() else None
     return None
 
 
 def _overrides(job: Path) -> dict[str, str]:
     path = job / ".hydra" / "overrides.yaml"
-    lines = OmegaConf.to_container(OmegaConf.load(path)) if path.is_file() else []
+    lines = OmegaConf.to_container(_load_yaml(path)) if path.is_file() else []
     return dict(str(line).split("=", 1) for line in lines if "=" in str(line))
 
 
@@ -47,7 +56,7 @@ def trial_rows(root: Path, sweeper: dict[str, Any]) -> tuple[list[str], list[dic
                                "objective": None, "test": None, "status": "unfinished", "path": str(job), "best": False}
         results_path = job / "results.json"
         if results_path.is_file():
-            results = json.loads(results_path.read_text())
+            results = read_results(results_path, required=("peers",))
             row["status"] = results.get("status", "finished")
             if row["status"] == "finished":
                 row["objective"] = objective(results)
@@ -87,8 +96,8 @@ def write_csv(keys: list[str], rows: list[dict[str, Any]], path: Path) -> None:
 def sweep_report(root: str | Path, sweeper: dict[str, Any], out: str | Path | None = None) -> tuple[list[dict], Path, Path]:
     """The trials table for an Optuna sweep folder; writes ``<out>.md`` and ``<out>.csv`` (default ``<root>/report``)."""
     keys, rows = trial_rows(Path(root), sweeper)
-    stem = Path(out) if out else Path(root) / "report"
-    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem = Path(out) if out is not None else Path(root) / "report"
+    check_output_file(stem, "--out")  # also makes its folder
     md, csv_path = stem.with_suffix(".md"), stem.with_suffix(".csv")
     md.write_text(to_markdown(keys, rows, str(sweeper.get("direction", "minimize"))) + "\n")
     write_csv(keys, rows, csv_path)

@@ -24,3 +24,9 @@ class DatasetIntegrityError(UserError, RuntimeError):
 
 class NonFiniteLossError(UserError, FloatingPointError):
     """A loss term became NaN or infinite: training stopped before writing that state anywhere."""
+
+
+def one_line(error: BaseException, limit: int = 160) -> str:
+    """``error`` as ``Type: message`` on one line (parsers' messages span several), at most ``limit`` characters."""
+    text = " ".join(f"{type(error).__name__}: {error}".split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."

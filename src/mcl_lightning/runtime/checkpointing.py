@@ -31,7 +31,7 @@ from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from mcl_lightning.core.errors import UserError
+from mcl_lightning.core.errors import UserError, one_line
 
 from mcl_lightning.core.errors import ConfigError
 
@@ -226,7 +226,14 @@ def read_checkpoint(path: str | Path, option: str = "") -> dict[str, Any]:
         raise UserError(f"{named} is not a checkpoint (not a file torch.save wrote, or cut short); "
                         "pass a checkpoint such as <run dir>/checkpoints/last.ckpt")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as error:  # damaged inside, or pickled objects that are not plain values
-        raise UserError(f"{named} cannot be read as a checkpoint ({type(error).__name__}: {str(error)[:160]}); "
+        raise UserError(f"{named} cannot be read as a checkpoint ({one_line(error)}); "
                         "pass a checkpoint such as <run dir>/checkpoints/last.ckpt") from error
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        held = ("a network's weights (a state_dict, as export writes)"
+                if isinstance(checkpoint, dict) and all(isinstance(v, torch.Tensor) for v in checkpoint.values())
+                else f"a {type(checkpoint).__name__} without a state_dict")
+        raise UserError(f"{named} holds {held}, not a training checkpoint; pass one such as "
+                        "<run dir>/checkpoints/last.ckpt")
+    return checkpoint

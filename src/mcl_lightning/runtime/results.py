@@ -11,6 +11,8 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from mcl_lightning.core.errors import UserError, one_line
+
 GROUPS_ORDER = ("peer_mean", "ensemble")
 
 
@@ -127,6 +129,22 @@ def backbone_name(peers: Any, cfg: Any) -> str:
     spec = peers.build_spec
     names = [spec["backbone"]] if spec and isinstance(spec["backbone"], str) else (spec or {}).get("backbone")
     return "+".join(names) if names else str(cfg.backbone.name)
+
+
+def read_results(path: str | Path, required: tuple[str, ...] = ("method", "backbone", "peers")) -> dict[str, Any]:
+    """A training run's results.json; a ``UserError`` naming the file when it is not one (damaged, an
+    evaluation's JSON, a checkpoint)."""
+    path = Path(path)
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise UserError(f"{path} cannot be read as a run's results.json ({one_line(error)}); "
+                        "remove or repair it, or point at a folder of runs") from None
+    missing = [key for key in required if not isinstance(results, dict) or key not in results]
+    if missing:
+        raise UserError(f"{path} is not a training run's results.json (no {', '.join(missing)}); "
+                        "remove it, or point at a folder of runs")
+    return results
 
 
 def write_results(path: str | Path, results: dict[str, Any]) -> Path:
