@@ -30,6 +30,11 @@ from mcl_lightning.runtime.tracking import check_loggers
 
 
 # -- the config ---------------------------------------------------------------------------------
+TRAINER_NUMBERS = ("max_epochs", "min_epochs", "max_steps", "min_steps", "limit_train_batches", "limit_val_batches",
+                   "limit_test_batches", "val_check_interval", "check_val_every_n_epoch", "log_every_n_steps",
+                   "accumulate_grad_batches", "gradient_clip_val", "num_sanity_val_steps")
+
+
 def check_config(cfg: DictConfig) -> None:
     """Checks no constructor makes: the peers' form, checkpointing, the data folder, batch vs devices."""
     peers = cfg.peers
@@ -46,6 +51,10 @@ def check_config(cfg: DictConfig) -> None:
     strategy = cfg.trainer.get("strategy")
     if OmegaConf.is_dict(strategy) and "timeout_s" in strategy:
         check_timeout_s(strategy.timeout_s)
+    for key in TRAINER_NUMBERS:  # a string would fail only where Lightning first compares it, after the data load
+        value = cfg.trainer.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ConfigError(f"trainer.{key} must be a number, got {value!r} (e.g. trainer.{key}=10)")
     every = cfg.get("checkpoint", {}).get("every_n_steps", 0)
     if isinstance(every, bool) or not isinstance(every, int) or every < 0:
         raise ConfigError(f"checkpoint.every_n_steps must be an integer >= 0 (0: epoch ends only), got {every!r}")
@@ -88,6 +97,11 @@ def check_batch_divides(batch_size: int, world_size: int) -> None:
 # -- the run directory ----------------------------------------------------------------------------
 def check_run_dir(run_dir: Path, ckpt_path: Any) -> None:
     """Refuse a run directory that holds a run, unless ``ckpt_path`` asks to resume it."""
+    for folder in (run_dir, *run_dir.parents):  # a file in the way fails Hydra's mkdir with a traceback
+        if folder.exists():
+            if not folder.is_dir():
+                raise ConfigError(f"hydra.run.dir={run_dir}: {folder} is a file, not a folder; choose another hydra.run.dir")
+            break
     if ckpt_path not in (None, ""):
         return  # resuming (into this directory or from another run): asked for
     results, checkpoint = run_dir / "results.json", newest_checkpoint(run_dir)
@@ -179,7 +193,12 @@ def user_error(error: BaseException) -> Exception | None:
         if isinstance(error, UserError):
             return error
         if isinstance(error, MisconfigurationException):  # Lightning rejecting trainer settings
-            return ConfigError(f"{error} (check the trainer= settings; without a GPU use trainer=cpu)")
+            device = any(word in str(error).lower() for word in ("gpu", "cuda", "accelerator", "device", "mps"))
+            hint = "check the trainer= settings; without a GPU use trainer=cpu" if device else "check the trainer.* settings"
+            return ConfigError(f"{error} ({hint})")
+        if isinstance(error, InstantiationException) and isinstance(error.__cause__, ValueError) \
+                and "full_key: trainer" in str(error):  # Lightning refusing a value (trainer.precision=17)
+            return ConfigError(f"trainer: {' '.join(str(error.__cause__).split())}")
         if isinstance(error, InstantiationException) and isinstance(error.__cause__, TypeError):
             return ConfigError(f"{' '.join(str(error).split())} (check the option names, e.g. +method.<name>=)")
         seen.add(id(error))
