@@ -25,7 +25,7 @@ TINY_STUDY = ("trainer=cpu backbone=resnet8 data.check_integrity=false trainer.l
 @pytest.mark.slow  # about 70 s: in make test-all and make test-oldest
 def test_make_gpu_evidence_dry_run_on_cpu(reencoded_root, tmp_path):  # noqa: F811
     out = tmp_path / "evidence"
-    args = (f"--minutes 4 --device cpu --bench-seconds 600 --bench-args '{SHRUNK_BENCH}' "
+    args = (f"--minutes 6 --device cpu --bench-seconds 240 --bench-args '{SHRUNK_BENCH}' "
             "--reproduce-args '--concurrency 1,3 --probe-steps 7 --max-epochs 1'")
     proc = subprocess.run(["make", "-s", "gpu-evidence", f"PY={sys.executable}", f"EVIDENCE={out}",
                            f"DATA_ROOT={reencoded_root}", f"DATA_OPTS={TINY_STUDY}", f"GPU_EVIDENCE_ARGS={args}"],

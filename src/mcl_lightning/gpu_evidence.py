@@ -1,7 +1,8 @@
 """One command for a short GPU lease: the benchmark's headline rows, then the comparison study.
 
     python -m mcl_lightning.gpu_evidence data.root=/data data.check_integrity=false   # make gpu-evidence
-    python -m mcl_lightning.gpu_evidence --minutes 3 --device cpu --bench-args "--batch-size 8 --steps 1 ..." \\
+    python -m mcl_lightning.gpu_evidence --minutes 4 --bench-seconds 60 --device cpu \\
+        --bench-args "--batch-size 8 --steps 1" \\
         --reproduce-args "--concurrency 1,3 --probe-steps 7 --max-epochs 1" trainer=cpu ...   # CPU dry run
 
 1. ``python -m mcl_lightning.bench --preset gpu_headline`` (MCL-OKD K = 256 at batch 64 and 256 with the
@@ -32,7 +33,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mcl_lightning import reproduce
 from mcl_lightning.core.errors import ConfigError
+from mcl_lightning.core.outputs import check_output_folder
 from mcl_lightning.runtime.multirun import require_launcher
 
 STUDY_RESERVE_S = 15.0  # the study's own budget ends this long before ours
@@ -60,7 +63,8 @@ def prune_checkpoints(folder: Path) -> list[Path]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m mcl_lightning.gpu_evidence", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--minutes", type=float, default=9.0, help="wall-time budget of both steps together")
     p.add_argument("--bench-seconds", type=float, default=150.0, help="the benchmark's share of the budget")
     p.add_argument("--bench-preset", default="gpu_headline", help="the benchmark's preset (tiny: a dry run)")
@@ -71,37 +75,66 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--keep-checkpoints", action="store_true",
                    help="keep the study's checkpoints (by default removed: hundreds of MB, nothing to commit)")
     p.add_argument("overrides", nargs="*", help="Hydra overrides for the study; data.* also go to the benchmark")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)
+
+
+def split_option(text: str, option: str) -> list[str]:
+    try:
+        return shlex.split(text)
+    except ValueError as error:
+        raise ConfigError(f"{option} {text!r}: {error}; quote the options as one, e.g. {option} '--steps 10'") from None
+
+
+def check_args(args: argparse.Namespace) -> list[str]:
+    """Every mistake found before the benchmark spends its share of the lease: the study's own options
+    (parsed as the study will parse them), the budget, ``--out``. The study's options less ``--minutes``."""
+    for option in args.overrides:  # the one mistake both steps would make: one line before either starts
+        key, _, value = option.partition("=")
+        if key == "data.root" and not Path(value).expanduser().is_dir():
+            raise ConfigError(f"data.root={value} is not a folder; point it at the folder that holds cifar-100-python/")
+    require_launcher()  # the study's launcher
+    reproduce.check_out_path(args.out, "--out")
+    if (args.out / "evidence.json").exists() or (args.out / "study").exists():
+        raise ConfigError(f"--out {args.out} already holds evidence; choose another folder (make gpu-evidence EVIDENCE=...)")
+    split_option(args.bench_args, "--bench-args")
+    extra = split_option(args.reproduce_args, "--reproduce-args")
+    for token in extra:
+        name = token.split("=", 1)[0]
+        if (len(name) >= 3 and "--out".startswith(name)) or (len(name) >= 4 and "--minutes".startswith(name)):
+            raise ConfigError(f"--reproduce-args: {token} is set by gpu_evidence; use its own --out and --minutes")
+    total = args.minutes * 60
+    if args.bench_seconds <= 0 or args.bench_seconds >= total:
+        raise ConfigError(f"--bench-seconds {args.bench_seconds:g} must be > 0 and less than --minutes {args.minutes:g} "
+                          f"({total:g} s): the study runs in what is left")
+    study = ["--out", str(args.out / "study"), *extra, *args.overrides]
+    left_min = (total - args.bench_seconds - STUDY_RESERVE_S) / 60  # if the benchmark takes its whole share
+    try:
+        reproduce.parse_args(["--minutes", f"{left_min:.2f}", *study])
+    except reproduce.BudgetTooSmall:
+        raise ConfigError(f"--minutes {args.minutes:g} leaves the study {max(left_min, 0) * 60:.0f} s after --bench-seconds "
+                          f"{args.bench_seconds:g} and {STUDY_RESERVE_S:g} s reserve, too little for its probe and "
+                          "--margin; raise --minutes or lower --bench-seconds") from None
+    except ConfigError as error:
+        raise ConfigError(f"--reproduce-args / study overrides: {error}") from None
+    return study
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     started = time.monotonic()
-    for option in args.overrides:  # the one mistake both steps would make: one line before either starts
-        key, _, value = option.partition("=")
-        if key == "data.root" and not Path(value).expanduser().is_dir():
-            print(f"error: data.root={value} is not a folder; point it at the folder that holds cifar-100-python/",
-                  file=sys.stderr)
-            sys.exit(2)
-    try:  # the study's launcher, checked before the benchmark spends its share of the lease
-        require_launcher()
+    try:
+        study_args = check_args(args)
+        out = check_output_folder(args.out, "--out")
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
-    out: Path = args.out
-    if (out / "evidence.json").exists() or (out / "study").exists():
-        print(f"error: --out {out} already holds evidence; choose another folder (make gpu-evidence EVIDENCE=...)",
-              file=sys.stderr)
-        sys.exit(2)
-    out.mkdir(parents=True, exist_ok=True)
     data = [o for o in args.overrides if o.startswith("data.")]
     bench = [sys.executable, "-m", "mcl_lightning.bench", "--preset", args.bench_preset, "--device", args.device,
              "--max-seconds", str(args.bench_seconds), "--json", str(out / "bench.json"),
              *shlex.split(args.bench_args), *data]
     bench_rc = stream(bench, out / "bench.log")
     left_min = (args.minutes * 60 - (time.monotonic() - started) - STUDY_RESERVE_S) / 60
-    study = [sys.executable, "-m", "mcl_lightning.reproduce", "--minutes", f"{left_min:.2f}", "--out", str(out / "study"),
-             *shlex.split(args.reproduce_args), *args.overrides]
+    study = [sys.executable, "-m", "mcl_lightning.reproduce", "--minutes", f"{left_min:.2f}", *study_args]
     study_rc = stream(study, out / "study.log")
     if not args.keep_checkpoints:
         removed = prune_checkpoints(out / "study")

@@ -2,7 +2,7 @@
 
     python -m mcl_lightning.reproduce --minutes 8 data.root=/path/to/data            # make reproduce-gpu
     python -m mcl_lightning.reproduce --minutes 8 data.root=/copy data.check_integrity=false
-    python -m mcl_lightning.reproduce --minutes 2 --concurrency 1,2 --probe-steps 8 --no-fast-path \\
+    python -m mcl_lightning.reproduce --minutes 2 --concurrency 1,3 --probe-steps 8 --no-fast-path \\
         trainer=cpu trainer.limit_train_batches=2 ...                                 # a CPU dry run
 
 By default the matrix is the paper's ResNet-32 row: ``cifar100/mcl_okd_resnet32``,
@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from mcl_lightning.core.errors import ConfigError, UserError
+from mcl_lightning.core.outputs import check_output_folder
 from mcl_lightning.runtime.multirun import merged, multirun, override_key, read_runs, require_launcher
 from mcl_lightning.runtime.study import PAPER_MATRIX, costs_at, gaps, plan_epochs, probe_slots
 
@@ -57,6 +58,16 @@ PACKAGES = ("torch", "torchvision", "lightning", "torchmetrics", "hydra-core", "
 
 class StudyFailed(RuntimeError):
     """A probe or the study's multirun failed (not a configuration mistake): exit status 1 with its log."""
+
+
+class BudgetTooSmall(ConfigError):
+    """``--minutes`` leaves no time for the study (gpu_evidence words it in its own options)."""
+
+
+def check_out_path(folder: Path, option: str) -> None:
+    """No file in the way of ``folder`` (created later, once every check has passed)."""
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    check_output_folder(existing, option, create=False)
 
 
 def probe_level(out: Path, concurrency: int, experiments: list[str], overrides: list[str], steps: int) -> dict[str, Any]:
@@ -126,7 +137,8 @@ def device_info() -> dict[str, Any]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m mcl_lightning.reproduce", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--minutes", type=float, default=8.0, help="wall-time budget of the whole command (probe included)")
     p.add_argument("--margin", type=float, default=30.0, help="seconds kept for start-up of the study and its report")
     p.add_argument("--experiments", default=",".join(PAPER_MATRIX),
@@ -138,7 +150,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None, help="folder for everything (default outputs/reproduce/<time>)")
     p.add_argument("--no-fast-path", action="store_true", help=f"do not add {' '.join(FAST_PATH)}")
     p.add_argument("overrides", nargs="*", help="Hydra overrides for every run, e.g. data.root=... trainer=cpu")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
     try:
         args.experiments = [e for e in args.experiments.split(",") if e]
         args.seeds = [int(s) for s in args.seeds.split(",") if s]
@@ -147,6 +159,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         raise ConfigError(f"--seeds and --concurrency take whole numbers separated by commas ({error})") from None
     if not args.experiments or not args.seeds or not args.concurrency or min(args.concurrency) < 1:
         raise ConfigError("need at least one experiment, one seed and concurrency levels >= 1")
+    if args.minutes * 60 <= args.margin:
+        raise BudgetTooSmall(f"--minutes {args.minutes:g} leaves no time for the study: {args.margin:g} s (--margin) go "
+                             f"to its start-up and report, and the probe comes first; pass a larger --minutes")
+    if args.max_epochs is not None and args.max_epochs < 1:
+        raise ConfigError(f"--max-epochs must be >= 1, got {args.max_epochs}")
+    if args.out is not None:
+        check_out_path(args.out, "--out")
     if args.probe_steps < 7:
         raise ConfigError("--probe-steps must be at least 7 (5 warm-up steps are not timed)")
     if max(args.concurrency) < len(args.experiments):
@@ -199,16 +218,20 @@ def study(args: argparse.Namespace) -> dict[str, Any]:
     fast = [] if args.no_fast_path or not torch.cuda.is_available() else FAST_PATH
     overrides = merged(fast, list(args.overrides))
     experiments, runs_total = args.experiments, len(args.experiments) * len(args.seeds)
-    checked: set[str] = set()
-    plans = {e: run_plan(e, overrides, checked) for e in experiments}  # a mistake stops here, before any training
     out = args.out or Path("outputs/reproduce") / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    check_out_path(out, "--out")
     if (out / "reproduce.json").exists() or (out / "runs").exists():
         raise ConfigError(f"--out {out} already holds a study; choose another folder")
-    out.mkdir(parents=True, exist_ok=True)
+    checked: set[str] = set()
+    plans = {e: run_plan(e, overrides, checked) for e in experiments}  # a mistake stops here, before any training
+    check_output_folder(out, "--out")
     print(f"study: {len(experiments)} recipes x {len(args.seeds)} seeds -> {out}", flush=True)
 
     levels = probe_all(out, args, experiments, overrides, runs_total)
     budget = args.minutes * 60 - (time.monotonic() - started) - args.margin
+    if budget <= 0:
+        raise BudgetTooSmall(f"--minutes {args.minutes:g}: the checks and the probe took {time.monotonic() - started:.0f} s, "
+                             f"leaving no time for the study (--margin {args.margin:g} s kept); pass a larger --minutes")
     options, best = choose_plan(levels, experiments, plans, len(args.seeds), budget, args.max_epochs)
     print(f"plan: {best['concurrency']} concurrent runs, {best['epochs']} epochs each, about {best['predicted_s']:.0f} s "
           f"of {budget:.0f} s left", flush=True)

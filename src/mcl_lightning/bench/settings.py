@@ -106,12 +106,30 @@ def parse_row(text: str) -> tuple[str, dict[str, Any]]:
     options: dict[str, Any] = {}
     if "@" in name:
         name, k = name.split("@", 1)
+        if not k.isdigit() or int(k) < 1:
+            raise ConfigError(f"--rows {text}: K after @ must be a whole number >= 1, e.g. {name}@256")
         options["nce_k"] = int(k)
     for item in filter(None, rest.split(",")):
         key, _, value = item.partition("=")
-        options[key] = json.loads(value) if value[:1] in "0123456789-[{tfn\"" else value
-    get_method(name)  # a clear error for an unknown method
+        try:
+            options[key] = json.loads(value) if value[:1] in "0123456789-[{tfn\"" else value
+        except ValueError:
+            raise ConfigError(f"--rows {text}: {item} is not key=value with a number, list or word") from None
+    if name not in list_methods():
+        raise ConfigError(f"--rows/--plain {text}: unknown method {name!r}; choose one of: {', '.join(list_methods())}")
     return name, options
+
+
+def check_rows(settings: Settings) -> None:
+    """Every row's method built with its options, before anything is measured: an unknown method or
+    option is the user's mistake, not a row to skip."""
+    for text in [r for r in settings.rows if r != "*"] + list(settings.plain):
+        name, options = parse_row(text)
+        try:
+            get_method(name)(**options)
+        except TypeError as error:
+            raise ConfigError(f"--rows/--plain {text}: {name} {error}; see its options with "
+                              f"help(mcl_lightning.methods.get_method({name!r}))") from None
 
 
 def row_specs(settings: Settings) -> list[RowSpec]:
