@@ -100,6 +100,10 @@ def test_the_system_attaches_the_method_and_checks_what_it_needs():
     assert method.spec == net.spec() and [h.linear.in_features for h in method.heads] == [64, 64]
     with pytest.raises(ConfigError, match="needs peers >= 2, got 1"):
         OKDSystem(PeerNetwork.from_backbone("resnet20", num_peers=1), MCLOKD())
+    with pytest.raises(TypeError, match=r"method must be an OKDMethod instance, e.g. MCLOKD\(nce_k=256\); got the class MCLOKD"):
+        OKDSystem(net, MCLOKD)
+    with pytest.raises(TypeError, match=r"peers must be a PeerNetwork \(or FusedPeerNetwork\) instance.*; got Sequential"):
+        OKDSystem(torch.nn.Sequential(), MCLOKD())
 
 
 def test_resumed_run_continues_exactly_like_an_uninterrupted_one(tmp_path, data_root):

@@ -30,6 +30,10 @@ SCHEDULERS = ("cosine", "multistep", "constant")
 MONITOR = "val/best_peer/top1"  # checkpoints select on the best peer's validation top-1
 
 
+def _kind(value: Any) -> str:
+    return f"the class {value.__name__}" if isinstance(value, type) else type(value).__name__
+
+
 class OKDSystem(L.LightningModule):
     """Trains ``peers`` with ``method`` using one SGD optimiser over the peers and the method.
 
@@ -58,6 +62,12 @@ class OKDSystem(L.LightningModule):
         lr_decay: float = 0.1,
     ) -> None:
         super().__init__()
+        # the classes themselves, or another module: attach()/spec() would fail with a bare TypeError
+        if not isinstance(method, OKDMethod):
+            raise TypeError(f"OKDSystem's method must be an OKDMethod instance, e.g. MCLOKD(nce_k=256); got {_kind(method)}")
+        if isinstance(peers, type) or not callable(getattr(peers, "spec", None)):
+            raise TypeError("OKDSystem's peers must be a PeerNetwork (or FusedPeerNetwork) instance, e.g. "
+                            f"PeerNetwork.from_backbone('resnet32', num_peers=4); got {_kind(peers)}")
         check_choice("optim.scheduler", scheduler, SCHEDULERS)
         if not lr > 0 or not 0.0 <= momentum < 1.0 or weight_decay < 0:
             raise ConfigError(f"optim needs lr > 0, momentum in [0, 1) and weight_decay >= 0; got lr={lr}, "
