@@ -35,7 +35,7 @@ from typing import Any
 
 from mcl_lightning import reproduce
 from mcl_lightning.core.errors import ConfigError
-from mcl_lightning.core.outputs import check_output_folder
+from mcl_lightning.core.outputs import check_no_file_in_the_way, check_output_folder
 from mcl_lightning.runtime.multirun import require_launcher
 
 STUDY_RESERVE_S = 15.0  # the study's own budget ends this long before ours
@@ -85,18 +85,19 @@ def split_option(text: str, option: str) -> list[str]:
         raise ConfigError(f"{option} {text!r}: {error}; quote the options as one, e.g. {option} '--steps 10'") from None
 
 
-def check_args(args: argparse.Namespace) -> list[str]:
+def check_args(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     """Every mistake found before the benchmark spends its share of the lease: the study's own options
-    (parsed as the study will parse them), the budget, ``--out``. The study's options less ``--minutes``."""
+    (parsed as the study will parse them), the budget, ``--out``. Returns the benchmark's extra options
+    and the study's options less ``--minutes``."""
     for option in args.overrides:  # the one mistake both steps would make: one line before either starts
         key, _, value = option.partition("=")
         if key == "data.root" and not Path(value).expanduser().is_dir():
             raise ConfigError(f"data.root={value} is not a folder; point it at the folder that holds cifar-100-python/")
     require_launcher()  # the study's launcher
-    reproduce.check_out_path(args.out, "--out")
+    check_no_file_in_the_way(args.out, "--out")  # created once every check has passed
     if (args.out / "evidence.json").exists() or (args.out / "study").exists():
         raise ConfigError(f"--out {args.out} already holds evidence; choose another folder (make gpu-evidence EVIDENCE=...)")
-    split_option(args.bench_args, "--bench-args")
+    bench_extra = split_option(args.bench_args, "--bench-args")
     extra = split_option(args.reproduce_args, "--reproduce-args")
     for token in extra:
         name = token.split("=", 1)[0]
@@ -116,14 +117,14 @@ def check_args(args: argparse.Namespace) -> list[str]:
                           "--margin; raise --minutes or lower --bench-seconds") from None
     except ConfigError as error:
         raise ConfigError(f"--reproduce-args / study overrides: {error}") from None
-    return study
+    return bench_extra, study
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     started = time.monotonic()
     try:
-        study_args = check_args(args)
+        bench_extra, study_args = check_args(args)
         out = check_output_folder(args.out, "--out")
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     data = [o for o in args.overrides if o.startswith("data.")]
     bench = [sys.executable, "-m", "mcl_lightning.bench", "--preset", args.bench_preset, "--device", args.device,
              "--max-seconds", str(args.bench_seconds), "--json", str(out / "bench.json"),
-             *shlex.split(args.bench_args), *data]
+             *bench_extra, *data]
     bench_rc = stream(bench, out / "bench.log")
     left_min = (args.minutes * 60 - (time.monotonic() - started) - STUDY_RESERVE_S) / 60
     study = [sys.executable, "-m", "mcl_lightning.reproduce", "--minutes", f"{left_min:.2f}", *study_args]

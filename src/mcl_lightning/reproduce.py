@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from mcl_lightning.core.errors import ConfigError, UserError
-from mcl_lightning.core.outputs import check_output_folder
+from mcl_lightning.core.outputs import check_no_file_in_the_way, check_output_folder
 from mcl_lightning.runtime.multirun import merged, multirun, override_key, read_runs, require_launcher
 from mcl_lightning.runtime.study import PAPER_MATRIX, costs_at, gaps, plan_epochs, probe_slots
 
@@ -62,12 +62,6 @@ class StudyFailed(RuntimeError):
 
 class BudgetTooSmall(ConfigError):
     """``--minutes`` leaves no time for the study (gpu_evidence words it in its own options)."""
-
-
-def check_out_path(folder: Path, option: str) -> None:
-    """No file in the way of ``folder`` (created later, once every check has passed)."""
-    existing = next(p for p in (folder, *folder.parents) if p.exists())
-    check_output_folder(existing, option, create=False)
 
 
 def probe_level(out: Path, concurrency: int, experiments: list[str], overrides: list[str], steps: int) -> dict[str, Any]:
@@ -164,8 +158,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              f"to its start-up and report, and the probe comes first; pass a larger --minutes")
     if args.max_epochs is not None and args.max_epochs < 1:
         raise ConfigError(f"--max-epochs must be >= 1, got {args.max_epochs}")
-    if args.out is not None:
-        check_out_path(args.out, "--out")
     if args.probe_steps < 7:
         raise ConfigError("--probe-steps must be at least 7 (5 warm-up steps are not timed)")
     if max(args.concurrency) < len(args.experiments):
@@ -219,7 +211,7 @@ def study(args: argparse.Namespace) -> dict[str, Any]:
     overrides = merged(fast, list(args.overrides))
     experiments, runs_total = args.experiments, len(args.experiments) * len(args.seeds)
     out = args.out or Path("outputs/reproduce") / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-    check_out_path(out, "--out")
+    check_no_file_in_the_way(out, "--out")
     if (out / "reproduce.json").exists() or (out / "runs").exists():
         raise ConfigError(f"--out {out} already holds a study; choose another folder")
     checked: set[str] = set()

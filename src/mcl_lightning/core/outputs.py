@@ -33,14 +33,21 @@ def check_output_file(path: str | Path, option: str, inputs: tuple[str | Path, .
     return path
 
 
-def check_output_folder(folder: str | Path, option: str, create: bool = True) -> Path:
-    """``folder`` as a place to write into: no file in its way; created when ``create``."""
+def check_no_file_in_the_way(folder: str | Path, option: str, fix: str = "pass a path in a folder") -> Path:
+    """``folder`` (existing or not) with no file at it or at any of its parents, which would make the
+    ``mkdir`` that creates it fail; nothing is created. ``fix`` ends the message."""
     folder = Path(folder).expanduser()
     for parent in (folder, *folder.parents):
         if parent.exists():
             if not parent.is_dir():
-                raise ConfigError(f"{option}: {parent} is a file, not a folder; pass a path in a folder")
+                raise ConfigError(f"{option}: {parent} is a file, not a folder; {fix}")
             break
+    return folder
+
+
+def check_output_folder(folder: str | Path, option: str, create: bool = True) -> Path:
+    """``folder`` as a place to write into: no file in its way; created when ``create``."""
+    folder = check_no_file_in_the_way(folder, option)
     if not folder.is_dir():
         if not create:
             raise ConfigError(f"{option}: the folder {folder} does not exist; create it first")

@@ -26,6 +26,7 @@ from mcl_lightning.runtime.build import build_network, data_options
 from mcl_lightning.runtime.checkpointing import newest_checkpoint, read_checkpoint, resolve_ckpt_path
 from mcl_lightning.runtime.ddp import check_timeout_s
 from mcl_lightning.core.errors import ConfigError, UserError
+from mcl_lightning.core.outputs import check_no_file_in_the_way
 from mcl_lightning.runtime.tracking import check_loggers
 
 
@@ -66,7 +67,8 @@ def check_config(cfg: DictConfig) -> None:
 
 
 def check_data_root(root: Any) -> None:
-    """A data.root that is not a folder is a typo, not a place to download into (train, bench, evaluate)."""
+    """A data.root that is not a folder is a typo, not a place to download into (train, evaluate; the
+    benchmark names where its root came from itself)."""
     if root is not None and not Path(str(root)).expanduser().is_dir():
         raise ConfigError(
             f"data.root={root} (or MCL_DATA_ROOT) is not a folder; fix the path, or create the folder "
@@ -97,11 +99,8 @@ def check_batch_divides(batch_size: int, world_size: int) -> None:
 # -- the run directory ----------------------------------------------------------------------------
 def check_run_dir(run_dir: Path, ckpt_path: Any) -> None:
     """Refuse a run directory that holds a run, unless ``ckpt_path`` asks to resume it."""
-    for folder in (run_dir, *run_dir.parents):  # a file in the way fails Hydra's mkdir with a traceback
-        if folder.exists():
-            if not folder.is_dir():
-                raise ConfigError(f"hydra.run.dir={run_dir}: {folder} is a file, not a folder; choose another hydra.run.dir")
-            break
+    # a file in the way would fail Hydra's mkdir with a traceback
+    check_no_file_in_the_way(run_dir, f"hydra.run.dir={run_dir}", fix="choose another hydra.run.dir")
     if ckpt_path not in (None, ""):
         return  # resuming (into this directory or from another run): asked for
     results, checkpoint = run_dir / "results.json", newest_checkpoint(run_dir)
