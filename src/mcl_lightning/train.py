@@ -27,7 +27,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from mcl_lightning.runtime import validation
+from mcl_lightning.runtime import history, validation
 from mcl_lightning.runtime.build import build_network, data_options
 from mcl_lightning.runtime.checkpointing import AtomicCheckpointIO, LastCheckpoint, remove_stale_temporaries, resolve_ckpt_path
 from mcl_lightning.core.errors import NonFiniteLossError
@@ -48,6 +48,7 @@ log = logging.getLogger("mcl_lightning")
 def build(cfg: DictConfig, run_dir: Path, ckpt_path: Path | None) -> tuple[Any, OKDSystem, L.Trainer, dict]:
     """Peers and method (checked against ``ckpt_path``), then data, system, trainer and callbacks."""
     peers, method = build_network(cfg)  # before the data: a config mistake costs no loading time
+    meta = None
     if ckpt_path is not None:
         meta = validation.load_checkpoint_meta(ckpt_path)
         diffs = validation.checkpoint_differences(meta, peers.build_spec, method_spec(method), data_options(cfg))
@@ -59,7 +60,9 @@ def build(cfg: DictConfig, run_dir: Path, ckpt_path: Path | None) -> tuple[Any, 
     # A resumed run keeps writing to the checkpoint's own folder: ModelCheckpoint restores its best
     # score only there, and "best" stays the best of the whole run.
     checkpoint_dir = ckpt_path.resolve().parent if ckpt_path else run_dir / "checkpoints"
-    loggers = build_loggers(cfg.get("logger"))  # logger= (conf/logger/): default CSV + TensorBoard
+    # logger= (conf/logger/): default CSV + TensorBoard; a resume continues the checkpoint's history
+    loggers = build_loggers(cfg.get("logger"), history.logger_overrides(meta))
+    history.restore_rows(loggers, meta)
     callbacks = {
         "guard": NonFiniteLossGuard(),  # runs before the checkpoint callbacks: a bad step is never saved
         "rank_stats": RankBatchNormStats(),  # DDP: each rank's BatchNorm statistics in the checkpoints
@@ -67,7 +70,8 @@ def build(cfg: DictConfig, run_dir: Path, ckpt_path: Path | None) -> tuple[Any, 
         "best": ModelCheckpoint(dirpath=checkpoint_dir, filename="best-epoch{epoch:03d}", auto_insert_metric_name=False,
                                 monitor=MONITOR, mode="max", enable_version_counter=False),
         "last": LastCheckpoint(checkpoint_dir, cfg.checkpoint.every_n_steps),  # after "best": its state included
-        "throughput": TrainThroughput(),  # results.json's training images/s (the study planner reads it)
+        "throughput": TrainThroughput(),
+        "history": history.RunHistory(),  # the logged rows and tracker runs in every checkpoint  # results.json's training images/s (the study planner reads it)
     }
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks["progress"] = LossTermsProgressBar()
