@@ -11,6 +11,9 @@ ids of its tracker runs (``tracker_runs``). A resumed run starts from exactly th
 - TensorBoard writes into the same folder with ``purge_step`` at the checkpoint's next step, so
   TensorBoard drops the events of the interrupted stretch from the earlier event files.
 - W&B and MLflow continue the checkpoint's run (``id``/``resume`` and ``run_id``).
+- A mid-epoch checkpoint also holds the running sums of the epoch's training means (each rank's,
+  ``epoch_sums``), added back after the first resumed batch: the interrupted epoch's row equals
+  the uninterrupted run's, bit for bit (float addition commutes, so ``x + saved == saved + x``).
 
 ``curves.png`` and ``results.json`` read the CSV and the checkpoint's validation history, so they
 cover the whole run from epoch 0.
@@ -24,12 +27,13 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger, MLFlowLogger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 
-ROWS_KEY, RUNS_KEY = "logged_rows", "tracker_runs"
+ROWS_KEY, RUNS_KEY, SUMS_KEY = "logged_rows", "tracker_runs", "epoch_sums"
 
 
 class _KeptRowsWriter(ExperimentWriter):
@@ -122,8 +126,41 @@ def pending_epoch_row(trainer: L.Trainer) -> dict[str, Any] | None:
     return row if len(row) > 2 else None
 
 
+def _epoch_means(trainer: L.Trainer) -> dict[str, Any]:
+    """The training results Lightning accumulates over the epoch for its means (key -> metric)."""
+    results = trainer.fit_loop.epoch_loop._results
+    return {key: metric for key, metric in results.items()
+            if getattr(metric, "is_tensor", False) and metric.meta.on_epoch and metric.meta.is_mean_reduction}
+
+
+def _mid_epoch(trainer: L.Trainer) -> bool:
+    progress = trainer.fit_loop.epoch_loop.batch_progress
+    return trainer.training and not trainer.sanity_checking and progress.current.completed > 0 and not progress.is_last_batch
+
+
 class RunHistory(Callback):
-    """Puts the logged rows and the tracker run ids into every checkpoint."""
+    """Puts the logged rows, the tracker run ids and a mid-epoch checkpoint's running means into every
+    checkpoint; restores the running means after the first batch of a resumed epoch."""
+
+    def __init__(self) -> None:
+        self._sums: dict[str, Any] | None = None  # this rank's saved sums, until the first resumed batch
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get(SUMS_KEY)
+        if saved is not None and saved["values"].shape[0] == trainer.world_size:
+            rank = trainer.global_rank
+            self._sums = {"keys": list(saved["keys"]), "values": saved["values"][rank], "counts": saved["counts"][rank]}
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self._sums is None:
+            return
+        means, sums, self._sums = _epoch_means(trainer), self._sums, None
+        for key, value, count in zip(sums["keys"], sums["values"], sums["counts"]):
+            if key in means:
+                metric = means[key]
+                metric.value = metric.value + value.to(metric.value)
+                metric.cumulated_batch_size = metric.cumulated_batch_size + count.to(metric.cumulated_batch_size)
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         pending = pending_epoch_row(trainer)  # every rank: it may reduce across ranks
@@ -138,5 +175,14 @@ class RunHistory(Callback):
                 runs["mlflow"] = str(logger.run_id)
         if runs:
             checkpoint[RUNS_KEY] = runs
+        means = _epoch_means(trainer) if _mid_epoch(trainer) else {}
+        if means:  # every rank assembles the checkpoint, rank 0 writes it: gather each rank's sums
+            values = torch.stack([m.value.detach().float() for m in means.values()])
+            counts = torch.stack([m.cumulated_batch_size.detach().long() for m in means.values()])
+            if trainer.world_size > 1:
+                values, counts = trainer.strategy.all_gather(values), trainer.strategy.all_gather(counts)
+            else:
+                values, counts = values[None], counts[None]
+            checkpoint[SUMS_KEY] = {"keys": list(means), "values": values.cpu(), "counts": counts.cpu()}
 
 
