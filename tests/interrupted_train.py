@@ -6,7 +6,8 @@ soak test (test_long_runs.py): ``INTERRUPT=<point>:<epoch>:<n>:<signal>`` with p
 - ``write``: while writing the ``n``-th checkpoint of ``epoch`` (half of it on disk)
 - ``epoch_end``: right after ``epoch``'s end-of-epoch checkpoint, before its training row is logged
 
-and signal ``KILL`` or ``TERM`` (sent to this process). Without ``INTERRUPT`` it is the plain CLI:
+and signal ``KILL`` or ``TERM`` (sent to this process). ``ORDER_LOG=<file>``: each training step appends
+``<global step> <dataset indices>`` to the file (the data order). Without either it is the plain CLI:
 the maths is the CLI's own, so a run interrupted here can be compared with an uninterrupted one.
 """
 
@@ -71,7 +72,19 @@ def install(point: str, epoch: int, n: int, sig: str) -> None:
         raise SystemExit(f"unknown INTERRUPT point {point!r}")
 
 
+def record_order(path: str) -> None:
+    original_step = system.OKDSystem.training_step
+
+    def training_step(self, batch, batch_idx):
+        with open(path, "a") as handle:
+            handle.write(f"{self.global_step} {' '.join(map(str, batch[2].tolist()))}\n")
+        return original_step(self, batch, batch_idx)
+    system.OKDSystem.training_step = training_step
+
+
 if __name__ == "__main__":
+    if os.environ.get("ORDER_LOG"):
+        record_order(os.environ["ORDER_LOG"])
     if os.environ.get("INTERRUPT"):
         where, at_epoch, at_n, name = os.environ["INTERRUPT"].split(":")
         install(where, int(at_epoch), int(at_n), name)

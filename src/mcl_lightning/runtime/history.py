@@ -8,8 +8,9 @@ ids of its tracker runs (``tracker_runs``). A resumed run starts from exactly th
   again, once, from the redone work; rows written before it are never lost. At the end of an epoch
   Lightning logs the epoch's training means *after* the epoch's checkpoint, so the checkpoint
   takes that row with it (``pending_epoch_row``): a kill between the two loses nothing.
-- TensorBoard writes into the same folder with ``purge_step`` at the checkpoint's next step, so
-  TensorBoard drops the events of the interrupted stretch from the earlier event files.
+- TensorBoard writes into the same folder with ``purge_step`` at the step of the checkpoint's last
+  row, so TensorBoard drops the events of the interrupted stretch from the earlier event files; the
+  rows at that step are written again (the epoch's training row may never have reached TensorBoard).
 - W&B and MLflow continue the checkpoint's run (``id``/``resume`` and ``run_id``).
 - A mid-epoch checkpoint also holds the running sums of the epoch's training means (each rank's,
   ``epoch_sums``), added back after the first resumed batch: the interrupted epoch's row equals
@@ -29,7 +30,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import CSVLogger, MLFlowLogger, WandbLogger
+from lightning.pytorch.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 
@@ -88,8 +89,8 @@ def logger_overrides(checkpoint: dict[str, Any] | None) -> dict[str, dict[str, A
     rows = list((checkpoint or {}).get(ROWS_KEY) or [])
     runs = (checkpoint or {}).get(RUNS_KEY) or {}
     overrides: dict[str, dict[str, Any]] = {
-        # events at or after this step in earlier files are the interrupted stretch's: TensorBoard drops them
-        "TensorBoardLogger": {"purge_step": next_step(rows)} if checkpoint is not None else {},
+        # events at or after this step in earlier files are dropped by TensorBoard (replay_rows writes its rows again)
+        "TensorBoardLogger": {"purge_step": last_step(rows)} if checkpoint is not None else {},
     }
     if runs.get("wandb"):
         overrides["WandbLogger"] = {"id": runs["wandb"], "resume": "allow"}
@@ -98,17 +99,23 @@ def logger_overrides(checkpoint: dict[str, Any] | None) -> dict[str, dict[str, A
     return overrides
 
 
-def next_step(rows: list[dict[str, Any]]) -> int:
-    """The first step not covered by ``rows``."""
-    steps = [int(row["step"]) for row in rows if row.get("step") is not None]
-    return max(steps) + 1 if steps else 0
+def last_step(rows: list[dict[str, Any]]) -> int:
+    """The step of the last of ``rows`` (0 without rows)."""
+    return max((int(row["step"]) for row in rows if row.get("step") is not None), default=0)
 
 
 def restore_rows(loggers: list[Any], checkpoint: dict[str, Any] | None) -> None:
-    """Give each resumable CSV logger the checkpoint's rows (an empty history without a checkpoint)."""
+    """Give each resumable CSV logger the checkpoint's rows (an empty history without a checkpoint) and
+    write the rows at the last step into TensorBoard again (its ``purge_step`` dropped them)."""
+    rows = [dict(row) for row in (checkpoint or {}).get(ROWS_KEY) or []]
     for logger in loggers:
         if isinstance(logger, ResumableCSVLogger):
-            logger.resumed_rows = [dict(row) for row in (checkpoint or {}).get(ROWS_KEY) or []]
+            logger.resumed_rows = rows
+        elif isinstance(logger, TensorBoardLogger) and rows:
+            step = last_step(rows)
+            for row in rows:
+                if row.get("step") is not None and int(row["step"]) == step:
+                    logger.log_metrics({k: v for k, v in row.items() if k != "step"}, step)
 
 
 def pending_epoch_row(trainer: L.Trainer) -> dict[str, Any] | None:
