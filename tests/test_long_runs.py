@@ -12,10 +12,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
+from conftest import FINISHED_RUN, run_cli
 from mcl_lightning.data.resumable import ResumableLoader, ResumableOrderSampler
 from mcl_lightning.runtime.curves import read_epoch_series
+from mcl_lightning.runtime.results import format_table
+from mcl_lightning.runtime.validation import schedule_differences
 
 
 class _Indices(torch.utils.data.Dataset):
@@ -96,3 +100,71 @@ def test_a_kill_right_after_an_epoch_end_loses_no_row_and_repeats_none(tmp_path,
     results = json.loads((run_dir / "results.json").read_text())
     assert results["best_epoch"] is not None and results["epochs_run"] == 2
     assert sorted(read_epoch_series(run_dir / "csv" / "metrics.csv")["train/loss"]) == [0, 1]  # curves.png's data
+
+
+# -- schedule changes on resume ------------------------------------------------------------------------
+def test_a_schedule_change_on_resume_is_named_and_extending_a_step_schedule_is_allowed():
+    cosine = {"hyper_parameters": {"lr": 0.05, "scheduler": "cosine", "milestones": [150, 200]}, "max_epochs": 2}
+    same = {"lr": 0.05, "scheduler": "cosine", "milestones": [150, 200], "max_epochs": 2}
+    assert schedule_differences(cosine, same) == []
+    (line,) = schedule_differences(cosine, {**same, "max_epochs": 3})
+    assert line.startswith("trainer.max_epochs: checkpoint 2, now 3") and "trainer.max_epochs=2" in line
+    assert schedule_differences(cosine, {**same, "lr": 0.1}) == ["optim.lr: checkpoint 0.05, now 0.1"]
+    assert schedule_differences(cosine, {**same, "scheduler": "multistep"})[0].startswith("optim.scheduler")
+    multistep = {"hyper_parameters": {**cosine["hyper_parameters"], "scheduler": "multistep"}, "max_epochs": 2}
+    assert schedule_differences(multistep, {**same, "scheduler": "multistep", "max_epochs": 400}) == []  # extends
+
+
+def test_extending_a_finished_cosine_run_is_refused_in_one_line(finished_run, data_root):
+    before = {p: p.stat().st_mtime_ns for p in finished_run.rglob("*")}
+    proc = run_cli("mcl_lightning.train", *FINISHED_RUN, "trainer.max_epochs=3", f"data.root={data_root}",
+                   f"hydra.run.dir={finished_run}", "ckpt_path=last")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    (line,) = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert "trainer.max_epochs: checkpoint 2, now 3" in line and "optim.scheduler=cosine" in line
+    assert {p: p.stat().st_mtime_ns for p in finished_run.rglob("*")} == before  # nothing was changed
+
+
+# -- short runs ----------------------------------------------------------------------------------------
+def test_the_table_of_a_run_without_validation_holds_its_test_results():
+    test = {"peer0": {"top1": 0.5, "top5": 0.75}, "peer_mean": {"top1": 0.5, "top5": 0.75}}
+    table = format_table({"final": {}, "best": {}, "test": test, "method": "dml"})
+    assert [line.split()[0] for line in table.splitlines()[2:]] == ["peer0", "peer_mean"]
+    assert "50.00" in table.splitlines()[2]
+
+
+def test_a_run_stopped_by_max_steps_summarises_and_its_train_log_holds_what_it_printed(tmp_path, data_root):
+    run_dir = tmp_path / "run"
+    proc = run_cli("mcl_lightning.train", *SMALL, "trainer.max_steps=3", "trainer.enable_progress_bar=true",
+                   f"data.root={data_root}", f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["final"] == {} and results["test"]["peer0"]["top1"] >= 0
+    peer0 = next(line for line in proc.stdout.splitlines() if line.startswith("peer0"))
+    assert f"{100 * results['test']['peer0']['top1']:.2f}" in peer0
+    assert "could not find the monitored key" not in proc.stderr
+    assert "no validation has run yet, so no best checkpoint" in proc.stderr
+    log = (run_dir / "train.log").read_text()
+    for line in ["run directory: " + str(run_dir), "starting a new run", peer0, f"results: {run_dir / 'results.json'}",
+                 "no validation has run yet", "`Trainer.fit` stopped: `max_steps=3` reached."]:
+        assert line in log, line
+    assert "\r" not in log and "it/s" not in log  # the progress bar stays on the console
+    assert "it/s" in proc.stdout + proc.stderr
+
+
+def test_an_optuna_trial_that_never_validated_fails_with_its_reason_and_the_search_goes_on(tmp_path, data_root):
+    """hparams_search with trainer.max_steps=3 inside the first epoch: no score (the issue's reproduction)."""
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason='needs pip install "mcl-lightning[tune]"')
+    sweep = tmp_path / "sweep"
+    small = [o for o in SMALL if not o.startswith(("trainer.max_epochs", "method."))]
+    proc = run_cli("mcl_lightning.train", "-m", "hparams_search=mcl_okd", "data.val_split=5000", "hydra.sweeper.n_trials=4",
+                   "trainer.max_steps=choice(3,-1)", "trainer.max_epochs=1", "method.projection_dim=8", *small,
+                   f"data.root={data_root}", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trials = {p.parent.name: json.loads(p.read_text()) for p in sweep.glob("*/results.json")}
+    stopped = [n for n, r in trials.items() if r["config"]["trainer"]["max_steps"] == 3]
+    assert len(trials) == 4 and stopped and len(stopped) < 4
+    reason = "no validation score: the run stopped before its first validation (trainer.max_steps=3)"
+    assert f"Failed experiment: {reason}" in proc.stdout
+    for name in stopped:
+        assert f"error: {reason}" in (sweep / name / "train.log").read_text()
