@@ -168,3 +168,92 @@ def test_an_optuna_trial_that_never_validated_fails_with_its_reason_and_the_sear
     assert f"Failed experiment: {reason}" in proc.stdout
     for name in stopped:
         assert f"error: {reason}" in (sweep / name / "train.log").read_text()
+
+
+# -- bit-exact resumes with loader workers, and the soak test ---------------------------------------------
+def order_by_step(order_log: Path) -> dict[int, str]:
+    """The dataset indices each optimiser step trained on (a redone step: its last record)."""
+    steps: dict[int, str] = {}
+    for line in order_log.read_text().splitlines():
+        step, indices = line.split(" ", 1)
+        steps[int(step)] = indices
+    return steps
+
+
+def assert_same_run(straight: Path, resumed: Path, orders: tuple[Path, Path]) -> None:
+    """Weights, banks, optimiser state, data order, metrics.csv rows and results.json, bit for bit."""
+    a, b = (torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True) for run in (straight, resumed))
+    assert a["global_step"] == b["global_step"] and a["state_dict"].keys() == b["state_dict"].keys()
+    for key, value in a["state_dict"].items():  # weights, heads and memory banks
+        assert torch.equal(value, b["state_dict"][key]), key
+    for sa, sb in zip(a["optimizer_states"][0]["state"].values(), b["optimizer_states"][0]["state"].values()):
+        assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
+    assert a["lr_schedulers"] == b["lr_schedulers"] and a["val_history"] == b["val_history"]
+    assert order_by_step(orders[0]) == order_by_step(orders[1])
+    assert (straight / "csv" / "metrics.csv").read_text() == (resumed / "csv" / "metrics.csv").read_text()
+    ra, rb = (json.loads((run / "results.json").read_text()) for run in (straight, resumed))
+    for key in ("status", "epochs_run", "final", "best", "best_epoch", "max_over_epochs", "test"):
+        assert ra[key] == rb[key], key
+    assert Path(ra["checkpoints"]["best"]).name == Path(rb["checkpoints"]["best"]).name
+
+
+@pytest.mark.slow
+def test_a_killed_imagenet_folder_run_with_workers_resumes_bit_for_bit(tmp_path, data_root):
+    common = ["data=imagenet", "backbone=resnet20", "peers=2", f"data.root={data_root / 'imagenette-mini'}",
+              "data.image_size=64", "data.resize_size=73", "data.batch_size=16", "data.eval_batch_size=50",
+              "data.num_workers=2", "method.nce_k=64", "trainer.max_epochs=1", "trainer.limit_train_batches=6",
+              "trainer.limit_val_batches=1", "trainer.limit_test_batches=1", "trainer.enable_progress_bar=false",
+              "checkpoint.every_n_steps=2"]
+    orders = (tmp_path / "straight.order", tmp_path / "resumed.order")
+    proc = launch(tmp_path / "straight", *common, order_log=orders[0])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert launch(tmp_path / "resumed", *common, interrupt="batch:0:2:KILL", order_log=orders[1]).returncode == -signal.SIGKILL
+    proc = launch(tmp_path / "resumed", *common, order_log=orders[1])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_run(tmp_path / "straight", tmp_path / "resumed", orders)
+
+
+# (point, epoch, n, signal): each launch of the same command is interrupted once, then one finishes
+SOAK = [("batch", 0, 4, "KILL"),        # mid-epoch, after the step-4 checkpoint
+        ("validation", 0, 1, "KILL"),   # during epoch 0's validation
+        ("epoch_end", 0, 0, "KILL"),    # right after epoch 0's checkpoint, before its training row
+        ("batch", 1, 2, "TERM"),        # SIGTERM mid-epoch: the next step's checkpoint, exit 143
+        ("write", 1, 2, "KILL"),        # while a checkpoint of epoch 1 is half written
+        ("validation", 1, 0, "TERM"),   # SIGTERM during validation: the epoch finishes first
+        ("epoch_end", 2, 0, "KILL")]    # after the last epoch's checkpoint, before the test
+
+
+@pytest.mark.slow
+def test_soak_a_run_interrupted_seven_times_ends_as_the_uninterrupted_one(tmp_path, data_root):
+    common = [*SMALL, "trainer.max_epochs=3", "trainer.limit_train_batches=8", "trainer.limit_val_batches=2",
+              "data.num_workers=2", "checkpoint.every_n_steps=2", f"data.root={data_root}"]
+    orders = (tmp_path / "straight.order", tmp_path / "soaked.order")
+    proc = launch(tmp_path / "straight", *common, order_log=orders[0])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for point, epoch, n, name in SOAK:
+        proc = launch(tmp_path / "soaked", *common, interrupt=f"{point}:{epoch}:{n}:{name}", order_log=orders[1])
+        expected = -signal.SIGKILL if name == "KILL" else 143
+        assert proc.returncode == expected, (point, epoch, n, name, proc.stderr[-3000:])
+        if name == "TERM":
+            assert "Traceback" not in proc.stderr and "ckpt_path=last" in proc.stderr
+    proc = launch(tmp_path / "soaked", *common, order_log=orders[1])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_run(tmp_path / "straight", tmp_path / "soaked", orders)
+    log = (tmp_path / "soaked" / "train.log").read_text()
+    assert log.count("resuming from:") == len(SOAK) and "stopped by SIGTERM" in log
+
+
+@pytest.mark.slow
+def test_a_resumed_run_continues_its_mlflow_and_wandb_runs(tmp_path, data_root):
+    pytest.importorskip("wandb", reason='logger=wandb needs pip install "mcl-lightning[wandb]"')
+    mlflow = pytest.importorskip("mlflow", reason='logger=mlflow needs pip install "mcl-lightning[mlflow]"')
+    run_dir = tmp_path / "run"
+    common = [*SMALL, "logger=[default,mlflow,wandb]", "logger.offline=true", f"data.root={data_root}"]
+    assert launch(run_dir, *common, interrupt="epoch_end:0:0:KILL", cwd=tmp_path).returncode == -signal.SIGKILL
+    proc = launch(run_dir, *common, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client = mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/peer0/top1")] == [3, 7]
+    ids = {p.name.split("-")[-1] for p in (run_dir / "wandb").glob("offline-run-*")}
+    assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 2 and len(ids) == 1  # two launches, one run
