@@ -18,6 +18,7 @@ import torch
 from conftest import FINISHED_RUN, run_cli
 from mcl_lightning.data.resumable import ResumableLoader, ResumableOrderSampler
 from mcl_lightning.runtime.curves import read_epoch_series
+from mcl_lightning.runtime.history import ROWS_KEY, ResumableCSVLogger, restore_rows
 from mcl_lightning.runtime.results import format_table
 from mcl_lightning.runtime.validation import schedule_differences
 
@@ -50,6 +51,19 @@ def test_loader_state_counts_the_batches_training_consumed_not_what_workers_pref
     assert head + [batch.tolist() for batch in resumed] == full  # batch 4 next, nothing skipped
     assert resumed.state_dict()["yielded"] == 40
 
+
+
+def test_an_iterator_made_before_the_next_epoch_is_set_trains_on_that_epochs_order():
+    """Resuming from an epoch-end checkpoint, Lightning creates the iterator (the workers start) before
+    it sets the next epoch."""
+    loader = _loader()
+    loader.load_state_dict({"seed": 3, "epoch": 0, "yielded": 8, "num_replicas": 1})
+    iterator = iter(loader)
+    loader.sampler.set_epoch(1)
+    reference = _loader()
+    reference.sampler.set_epoch(1)
+    assert [batch.tolist() for batch in iterator] == [batch.tolist() for batch in reference]
+    assert loader.state_dict()["epoch"] == 1 and loader.state_dict()["yielded"] == 40
 
 # -- CLI runs interrupted at chosen points (tests/interrupted_train.py) --------------------------------
 WRAPPER = Path(__file__).with_name("interrupted_train.py")
@@ -100,6 +114,22 @@ def test_a_kill_right_after_an_epoch_end_loses_no_row_and_repeats_none(tmp_path,
     results = json.loads((run_dir / "results.json").read_text())
     assert results["best_epoch"] is not None and results["epochs_run"] == 2
     assert sorted(read_epoch_series(run_dir / "csv" / "metrics.csv")["train/loss"]) == [0, 1]  # curves.png's data
+
+
+def test_the_csv_restarts_from_the_checkpoints_rows_or_from_the_file_for_an_older_checkpoint(tmp_path):
+    (tmp_path / "csv").mkdir()
+    (tmp_path / "csv" / "metrics.csv").write_text("epoch,step,a,b\n0,3,1.5,\n,4,,2.0\n")
+    logger = ResumableCSVLogger(save_dir=str(tmp_path), name="csv", version="")
+    restore_rows([logger], {"state_dict": {}})  # written before checkpoints carried their rows: kept
+    logger.log_metrics({"a": 3.0}, step=7)
+    logger.save()
+    assert (tmp_path / "csv" / "metrics.csv").read_text() == "a,b,epoch,step\n1.5,,0,3\n,2.0,,4\n3.0,,,7\n"
+    logger = ResumableCSVLogger(save_dir=str(tmp_path), name="csv", version="")
+    restore_rows([logger], {ROWS_KEY: [{"a": 1.5, "epoch": 0, "step": 3}]})  # rows after the checkpoint dropped
+    logger.log_metrics({"b": 2.5}, step=4)
+    logger.save()
+    assert (tmp_path / "csv" / "metrics.csv").read_text() == "a,b,epoch,step\n1.5,,0,3\n,2.5,,4\n"
+    assert logger.rows() == [{"a": 1.5, "epoch": 0, "step": 3}, {"b": 2.5, "step": 4}]
 
 
 # -- schedule changes on resume ------------------------------------------------------------------------

@@ -88,7 +88,16 @@ class ResumableLoader(DataLoader):
 
     def _counted(self, batches: Iterator, position: dict[str, int], total: int) -> Iterator:
         self._consumed = position
-        for batch in batches:
+        while True:
+            if self.sampler.epoch != position["epoch"]:
+                # Resuming from an epoch-end checkpoint, Lightning creates this iterator (the workers
+                # start on the old epoch's order) before it sets the next epoch: start that epoch's pass
+                position.update(epoch=self.sampler.epoch, samples=self.sampler.pending_skip)
+                batches = super().__iter__()
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
             # the i-th batch returned holds the i-th slice of the order (DataLoader keeps the order)
             position["samples"] = min(position["samples"] + self.batch_size, total)
             yield batch

@@ -110,12 +110,22 @@ def restore_rows(loggers: list[Any], checkpoint: dict[str, Any] | None) -> None:
     rows = [dict(row) for row in (checkpoint or {}).get(ROWS_KEY) or []]
     for logger in loggers:
         if isinstance(logger, ResumableCSVLogger):
-            logger.resumed_rows = rows
+            # a checkpoint written before checkpoints carried the rows: the file as it is, appended to
+            logger.resumed_rows = rows if checkpoint is None or ROWS_KEY in checkpoint else rows_on_disk(logger)
         elif isinstance(logger, TensorBoardLogger) and rows:
             step = last_step(rows)
             for row in rows:
                 if row.get("step") is not None and int(row["step"]) == step:
                     logger.log_metrics({k: v for k, v in row.items() if k != "step"}, step)
+
+
+def rows_on_disk(logger: CSVLogger) -> list[dict[str, Any]]:
+    """The rows of the logger's metrics.csv (its non-empty cells), none if it has no file."""
+    path = Path(logger.log_dir) / ExperimentWriter.NAME_METRICS_FILE
+    if not path.is_file():
+        return []
+    with path.open(newline="") as handle:
+        return [{key: value for key, value in row.items() if value not in ("", None)} for row in csv.DictReader(handle)]
 
 
 def pending_epoch_row(trainer: L.Trainer) -> dict[str, Any] | None:
