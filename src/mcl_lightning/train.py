@@ -71,10 +71,10 @@ def build(cfg: DictConfig, run_dir: Path, ckpt_path: Path | None) -> tuple[Any, 
         "rank_stats": RankBatchNormStats(),  # DDP: each rank's BatchNorm statistics in the checkpoints
         **({"lr": LearningRateMonitor(logging_interval="epoch")} if loggers else {}),  # it needs a logger
         "best": BestCheckpoint(dirpath=checkpoint_dir, filename="best-epoch{epoch:03d}", auto_insert_metric_name=False,
-                                monitor=MONITOR, mode="max", enable_version_counter=False),
+                               monitor=MONITOR, mode="max", enable_version_counter=False),
         "last": LastCheckpoint(checkpoint_dir, cfg.checkpoint.every_n_steps),  # after "best": its state included
-        "throughput": TrainThroughput(),
-        "history": history.RunHistory(),  # the logged rows and tracker runs in every checkpoint  # results.json's training images/s (the study planner reads it)
+        "throughput": TrainThroughput(),  # results.json's training images/s (the study planner reads it)
+        "history": history.RunHistory(),  # the logged rows, tracker runs and epoch's running means in checkpoints
     }
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks["progress"] = LossTermsProgressBar()
