@@ -182,6 +182,33 @@ def test_a_run_stopped_by_max_steps_summarises_and_its_train_log_holds_what_it_p
     assert "it/s" in proc.stdout + proc.stderr
 
 
+
+def test_an_optuna_trial_without_a_score_raises_its_reason_and_other_runs_return_nan():
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason='needs pip install "mcl-lightning[tune]"')
+    from hydra import compose, initialize_config_module
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from mcl_lightning.core.errors import NoScoreError
+    from mcl_lightning.train import search_score
+
+    unscored = {"peers": 2, "final": {}}
+    with initialize_config_module("mcl_lightning.conf", version_base="1.3"):
+        search = compose("train", overrides=["hparams_search=mcl_okd", "trainer.max_steps=3"], return_hydra_config=True)
+        single = compose("train", overrides=["trainer.max_steps=3"], return_hydra_config=True)
+    try:
+        search.hydra.mode = RunMode.MULTIRUN
+        HydraConfig.instance().set_config(search)
+        with pytest.raises(NoScoreError, match=r"before its first validation \(trainer.max_steps=3\)"):
+            search_score(search, unscored)
+        assert search_score(search, {"peers": 2, "final": {"peer1": {"top1": 0.25}}}) == 0.25
+        single.hydra.mode = RunMode.RUN
+        HydraConfig.instance().set_config(single)
+        assert search_score(single, unscored) != search_score(single, unscored)  # NaN: nobody reads it
+    finally:
+        HydraConfig.instance().cfg = None
+
+@pytest.mark.slow
 def test_an_optuna_trial_that_never_validated_fails_with_its_reason_and_the_search_goes_on(tmp_path, data_root):
     """hparams_search with trainer.max_steps=3 inside the first epoch: no score (the issue's reproduction)."""
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason='needs pip install "mcl-lightning[tune]"')
