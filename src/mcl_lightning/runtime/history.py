@@ -90,7 +90,7 @@ def logger_overrides(checkpoint: dict[str, Any] | None) -> dict[str, dict[str, A
     runs = (checkpoint or {}).get(RUNS_KEY) or {}
     overrides: dict[str, dict[str, Any]] = {
         # events at or after this step in earlier files are dropped by TensorBoard (replay_rows writes its rows again)
-        "TensorBoardLogger": {"purge_step": last_step(rows)} if checkpoint is not None else {},
+        "TensorBoardLogger": {"purge_step": last_step(rows)} if ROWS_KEY in (checkpoint or {}) else {},
     }
     if runs.get("wandb"):
         overrides["WandbLogger"] = {"id": runs["wandb"], "resume": "allow"}
