@@ -12,6 +12,7 @@ from hydra import compose, initialize_config_module
 from mcl_lightning.core.errors import ConfigError
 from mcl_lightning.methods import MutualCL
 from mcl_lightning.models import PeerOutput
+from mcl_lightning.runtime.validation import user_error
 from mcl_lightning.train import build_network
 
 RECIPE = "imagenet/mcl_x4_logit_kd_resnet18"
@@ -116,3 +117,11 @@ def test_bad_logit_kd_options_are_one_config_error(option, value, message):
     with pytest.raises(ConfigError) as error:
         MutualCL(**{option: value})
     assert str(error.value) == message
+
+
+def test_a_bad_flag_from_the_command_line_is_the_same_one_line_error():
+    """Hydra reads ``=yes`` as a string, which ``bool()`` would take for true; ``train`` prints this line, exit 2."""
+    cfg = _compose(["method=mutual_cl", "backbone=resnet20", "method.logit_kd_detach_teacher=yes"])
+    with pytest.raises(Exception) as error:
+        build_network(cfg)
+    assert str(user_error(error.value)) == "method.logit_kd_detach_teacher must be true or false, got 'yes'"
