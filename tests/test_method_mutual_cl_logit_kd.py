@@ -25,13 +25,18 @@ def distill_kl64(y_s, y_t, t):
     return F.kl_div(p_s, p_t, reduction="batchmean") * (t**2)
 
 
-def main_imagenet_logit_kd64(logits, t):
-    """``main_imagenet.py:142-153``: the ensemble is not detached; only ``logits[-1]`` is distilled."""
-    loss_logit_kd = torch.tensor(0.0, dtype=torch.float64)
+def ensemble64(logits):
+    """The ensemble both scripts build the same way (``main_imagenet.py:145-150``, ``main_cifar.py:158-161``)."""
     ensemble_logits = 0.0
     for i in range(len(logits)):
         ensemble_logits = ensemble_logits + logits[i]
-    ensemble_logits = ensemble_logits / (len(logits))
+    return ensemble_logits / (len(logits))
+
+
+def main_imagenet_logit_kd64(logits, t):
+    """``main_imagenet.py:142-153``: the ensemble is not detached; only ``logits[-1]`` is distilled."""
+    loss_logit_kd = torch.tensor(0.0, dtype=torch.float64)
+    ensemble_logits = ensemble64(logits)
     loss_logit_kd = loss_logit_kd + distill_kl64(logits[-1], ensemble_logits, t)
     return loss_logit_kd
 
@@ -39,11 +44,7 @@ def main_imagenet_logit_kd64(logits, t):
 def main_cifar_logit_kd64(logits, t):
     """``main_cifar.py:158-169``: the ensemble is detached; both networks distilled if N = 2, else the last."""
     loss_logit_kd = torch.tensor(0.0, dtype=torch.float64)
-    ensemble_logits = 0.0
-    for i in range(len(logits)):
-        ensemble_logits = ensemble_logits + logits[i]
-    ensemble_logits = ensemble_logits / (len(logits))
-    ensemble_logits = ensemble_logits.detach()
+    ensemble_logits = ensemble64(logits).detach()
     if len(logits) == 2:
         loss_logit_kd = loss_logit_kd + distill_kl64(logits[0], ensemble_logits, t)
         loss_logit_kd = loss_logit_kd + distill_kl64(logits[1], ensemble_logits, t)
