@@ -32,6 +32,12 @@ class _Step:
     terms: dict[str, Tensor]
 
 
+def is_logging_step(trainer: L.Trainer, batch_idx: int) -> bool:
+    """Whether batch ``batch_idx`` of an epoch ends at a logging step (every ``trainer.log_every_n_steps``-th),
+    where per-step values may be read on the host (the guard, the progress bar)."""
+    return (batch_idx + 1) % max(int(trainer.log_every_n_steps or 1), 1) == 0
+
+
 class NonFiniteLossGuard(L.Callback):
     """Raises ``NonFiniteLossError`` naming the first non-finite loss term, its step, epoch and batch."""
 
@@ -47,7 +53,7 @@ class NonFiniteLossGuard(L.Callback):
         # kept as they are (no op per step); detached if they are not yet, so no graph is kept alive
         terms = {name: v.detach() if isinstance(v, Tensor) and v.requires_grad else v for name, v in terms.items()}
         self._pending.append(_Step(trainer.global_step, trainer.current_epoch, batch_idx, terms))
-        if (batch_idx + 1) % max(int(getattr(trainer, "log_every_n_steps", 1) or 1), 1) == 0:
+        if is_logging_step(trainer, batch_idx):
             self.flush()
 
     def flush(self) -> None:

@@ -13,6 +13,8 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import TQDMProgressBar
 
+from mcl_lightning.runtime.guards import is_logging_step
+
 
 class LossTermsProgressBar(TQDMProgressBar):
     def __init__(self, refresh_rate: int = 1, **kwargs: Any) -> None:
@@ -22,9 +24,7 @@ class LossTermsProgressBar(TQDMProgressBar):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         terms = outputs.get("terms") if isinstance(outputs, dict) else None
-        every = max(int(trainer.log_every_n_steps or 1), 1)
-        last = batch_idx + 1 == self.total_train_batches
-        if isinstance(terms, dict) and ((batch_idx + 1) % every == 0 or last):
+        if isinstance(terms, dict) and (is_logging_step(trainer, batch_idx) or batch_idx + 1 == self.total_train_batches):
             self._shown = {name: f"{float(value):.3g}" for name, value in terms.items()}
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
