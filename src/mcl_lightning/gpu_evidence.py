@@ -42,8 +42,9 @@ from typing import Any
 from mcl_lightning import reproduce
 from mcl_lightning.core.errors import ConfigError
 from mcl_lightning.core.outputs import check_no_file_in_the_way, check_output_folder
-from mcl_lightning.runtime.evidence import ARCHIVE, compute_mode_problem, copy_file, nvidia_smi, pack, run_child, write_json
+from mcl_lightning.runtime.evidence import ARCHIVE, compute_mode_problem, copy_file, nvidia_smi, pack, run_child
 from mcl_lightning.runtime.multirun import require_launcher
+from mcl_lightning.runtime.results import write_results
 
 STUDY_RESERVE_S = 15.0  # the study's own budget ends this long before ours
 PACK_RESERVE_S = 10.0  # the study is killed this long before our budget ends: the archive and the summary
@@ -170,7 +171,7 @@ class Evidence:
         if self.started is not None:
             self.record["wall_s"] = round(time.monotonic() - self.started, 1)
         self.record["targets"] = self.bench_targets + self.study_targets  # every target, met, missed or not judged
-        write_json(self.out / "evidence.json", self.record)
+        write_results(self.out / "evidence.json", self.record)
 
     def refresh_study(self) -> None:
         """The study's reproduce.json into ``--out`` and ``evidence.json``, when it has changed."""

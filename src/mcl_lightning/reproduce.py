@@ -48,9 +48,9 @@ from typing import Any
 
 from mcl_lightning.core.errors import ConfigError, UserError
 from mcl_lightning.core.outputs import check_no_file_in_the_way, check_output_folder
-from mcl_lightning.runtime.evidence import write_json
 from mcl_lightning.runtime.multirun import StudyFailed, merged, multirun, override_key, read_runs, require_launcher
 from mcl_lightning.runtime.probe import concurrency_gain, max_time, probe_all
+from mcl_lightning.runtime.results import write_results
 from mcl_lightning.runtime.study import PAPER_MATRIX, costs_at, gaps, plan_epochs
 
 __all__ = ["BudgetTooSmall", "StudyFailed", "main", "parse_args", "study"]
@@ -208,7 +208,7 @@ def study(args: argparse.Namespace) -> dict[str, Any]:
     def save(phase: str | None = None) -> None:
         record["phase"] = phase or record["phase"]
         record["wall_s"] = round(time.monotonic() - started, 1)
-        write_json(out / "reproduce.json", record)
+        write_results(out / "reproduce.json", record)
         print(f"reproduce.json: {record['phase']}, {record['wall_s']:.0f} s", flush=True)
 
     save()

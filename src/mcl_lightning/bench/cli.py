@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import os
 import sys
@@ -29,6 +28,7 @@ from mcl_lightning.data.paths import default_data_root
 from mcl_lightning.evaluate import parse_overrides
 from mcl_lightning.models import PeerNetwork
 from mcl_lightning.runtime.perf import PerfOptions
+from mcl_lightning.runtime.results import write_results
 
 TABLE_RESERVE_S = 60.0  # a further table starts only with this much of --max-seconds left
 
@@ -272,7 +272,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             print(format_table(result), flush=True)
         results["failures"] = failures(results["tables"])
         if args.json is not None:  # after every table: a benchmark killed at its time limit keeps what it measured
-            write_json(args.json, results)
+            write_results(args.json, results)
     fused = fused_comparison(results["tables"])
     if fused:
         results["fused_vs_loop"] = fused
@@ -286,7 +286,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
           f"OMP_WAIT_POLICY={results['omp_wait_policy']} | load {results['load_average_at_start']} -> "
           f"{results['load_average_at_end']} | {results['wall_seconds']:.0f} s", flush=True)
     if args.json is not None:
-        write_json(args.json, results)
+        write_results(args.json, results)
         print(f"results: {args.json}", flush=True)
     return results
 
@@ -296,13 +296,6 @@ def failures(tables: list[dict[str, Any]]) -> list[str]:
     out = [f"table {t['settings']['name']}: {t['error']}" for t in tables if t.get("error")]
     out += [f"{t['settings']['name']} / {row['name']}: {row['error']}" for t in tables for row in t.get("failed", [])]
     return out
-
-
-def write_json(path: Path, results: dict[str, Any]) -> None:
-    """``results`` as JSON, replaced at once (a reader never sees half a file)."""
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(results, indent=2, default=str) + "\n")
-    os.replace(partial, path)
 
 
 def _loadavg() -> list[float] | None:

@@ -1,5 +1,5 @@
 """What ``mcl_lightning.gpu_evidence`` needs around its children, for a short GPU slot that copies back
-only a few files: JSON replaced at once, a child process with a hard deadline, the GPU as
+only a few files: files replaced at once, a child process with a hard deadline, the GPU as
 ``nvidia-smi`` names it, and everything else packed into one archive without checkpoints.
 
 A slot copies back at most 8 files from its output folder, 16 MiB each, so the summaries sit at its top
@@ -8,7 +8,6 @@ and the rest (logs, every run's results.json, curves, metrics) goes into one ``.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -22,13 +21,6 @@ from typing import Any, Callable
 ARCHIVE = "gpu-evidence.tar.gz"
 ARCHIVE_LIMIT = 15 << 20  # under the slot's 16 MiB per file, with room for the tar headers
 EXCLUSIVE_MODES = ("Exclusive_Process", "Exclusive_Thread", "Prohibited")
-
-
-def write_json(path: Path, record: dict[str, Any]) -> None:
-    """``record`` as JSON at ``path``, replaced at once: a reader, or a kill, never meets half a file."""
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(record, indent=2, default=str) + "\n")
-    os.replace(partial, path)
 
 
 def copy_file(source: Path, target: Path) -> bool:
@@ -127,7 +119,7 @@ def pack(work: Path, archive: Path, limit: int = ARCHIVE_LIMIT) -> dict[str, Any
     """Everything under ``work`` but checkpoints into ``archive`` (a .tar.gz, replaced at once), smallest
     files first, leaving out what would take it past ``limit`` bytes; what went in and what did not."""
     files = sorted((p for p in work.rglob("*") if p.is_file() and "checkpoints" not in p.relative_to(work).parts
-                    and not p.name.endswith((".ckpt", ".partial"))), key=lambda p: p.stat().st_size)
+                    and not p.name.endswith((".ckpt", ".partial", ".tmp"))), key=lambda p: p.stat().st_size)
     partial = archive.with_name(archive.name + ".partial")
     packed, left_out = 0, []
     with tarfile.open(partial, "w:gz") as tar:
