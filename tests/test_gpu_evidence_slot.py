@@ -142,7 +142,9 @@ def test_killed_during_the_study_leaves_a_readable_summary(reencoded_root, tmp_p
                     str(work)], check=True, capture_output=True, timeout=120)
     assert sorted(p.name for p in out.iterdir()) == ["bench.json", "evidence.json", "gpu-evidence.tar.gz",
                                                      "reproduce.json"]
-    assert json.loads((out / "evidence.json").read_text())["phase"].startswith("killed during study")
+    packed = json.loads((out / "evidence.json").read_text())
+    assert packed["phase"].startswith("killed during study")
+    assert [t["target"] for t in packed["targets"]] == [t["target"] for t in record["targets"]]  # tiny: no bench target
     with tarfile.open(out / "gpu-evidence.tar.gz") as tar:
         names = tar.getnames()
     assert "work/study/runs/0/results.json" in names and "work/bench.log" in names

@@ -164,7 +164,7 @@ class Evidence:
     def __init__(self, out: Path, work: Path, record: dict[str, Any], started: float | None = None) -> None:
         self.out, self.work, self.record, self.started = out, work, record, started
         self.bench_targets: list[dict[str, Any]] = []
-        self.study_targets: list[dict[str, Any]] = record.get("targets", [])
+        self.study_targets: list[dict[str, Any]] = []
         self._study_seen: float | None = None
 
     def save(self) -> None:
@@ -223,7 +223,9 @@ def pack_only(args: argparse.Namespace) -> None:
     if record.get("phase") != "done":
         record["phase"] = f"killed during {record.get('phase')} (packed by --pack-only)"
     args.out.mkdir(parents=True, exist_ok=True)
-    finish(Evidence(args.out, args.work, record), keep_checkpoints=True)
+    evidence = Evidence(args.out, args.work, record)
+    evidence.bench_targets = bench_summary(args.out)[0]  # the study's come from its reproduce.json in finish()
+    finish(evidence, keep_checkpoints=True)
 
 
 def _sigterm(*_: Any) -> None:
