@@ -10,7 +10,11 @@ everything that depends on the network (peer count, feature widths, the trunk) i
 
 and then, once per training step:
 
-    method(output: PeerOutput, labels: (B,), indices: (B,)) -> {"term": weighted loss, ...}
+    method(output: PeerOutput, labels: (B,), indices: (B,) or None) -> {"term": weighted loss, ...}
+
+``indices`` (each sample's index in the training set) is None for ``(images, labels)`` batches; a method
+that needs them (one memory-bank row per training image) sets ``needs_indices = True`` and the system
+refuses such batches in one line.
 
 The system minimises the sum of the terms and logs each. Hooks a method may override, all optional:
 
@@ -49,6 +53,7 @@ class OKDMethod(nn.Module):
     accepts_heterogeneous: ClassVar[bool] = True
     requires_shared_trunk: ClassVar[bool] = False
     needs_train_labels: ClassVar[bool] = False  # True: setup_data must receive the training set's labels
+    needs_indices: ClassVar[bool] = False  # True: batches must carry dataset indices (memory banks); else None
     ensemble_description: ClassVar[str] = "mean of the peers' logits"
 
     def __init__(self) -> None:
@@ -127,7 +132,7 @@ class OKDMethod(nn.Module):
         params = [p for p in self.parameters() if p.requires_grad]
         return [{"params": params}] if params else []
 
-    def forward(self, output: PeerOutput, labels: Tensor, indices: Tensor) -> dict[str, Tensor]:
+    def forward(self, output: PeerOutput, labels: Tensor, indices: Tensor | None) -> dict[str, Tensor]:
         raise NotImplementedError
 
     def extra_repr(self) -> str:
