@@ -18,8 +18,8 @@ refuses such batches in one line.
 
 The system minimises the sum of the terms and logs each. Hooks a method may override, all optional:
 
-- ``reference_layout`` (class attribute): how its reference shares layers between peers; the entry
-  point builds the network with it unless ``topology=`` / ``backbone.branch_point=`` say otherwise.
+- ``reference_layout`` (class attribute): how its reference shares layers between peers; the config's
+  ``model.layout`` builds the network with it unless ``topology=`` / ``backbone.branch_point=`` say otherwise.
 - ``min_peers``, ``accepts_heterogeneous``, ``requires_shared_trunk``: checked in ``attach``.
 - ``build(spec)``: create the network-dependent modules (heads, gates).
 - ``ensemble(output)``: the logits its ensemble reports (default: mean of the peers' logits).
@@ -150,6 +150,14 @@ def register_method(name: str) -> Callable[[type[OKDMethod]], type[OKDMethod]]:
         return METHODS.register(name)(cls)
 
     return decorator
+
+
+def reference_layout(method: OKDMethod) -> PeerLayout:
+    """How ``method``'s reference shares layers between peers: the config's ``model.layout`` (conf/train.yaml),
+    so that ``instantiate(cfg.model)`` builds the network ``python -m mcl_lightning.train`` trains."""
+    if not isinstance(method, OKDMethod):
+        raise TypeError(f"reference_layout needs an OKDMethod instance, got {type(method).__name__}")
+    return method.reference_layout
 
 
 def list_methods() -> list[str]:
