@@ -25,7 +25,8 @@ leave most of a large GPU idle, so the runs share the device, launched by Hydra'
 Everything goes to ``--out`` (default ``outputs/reproduce/<date>_<time>``). Extra arguments are Hydra
 overrides for every run (``data.root=``, ``data.check_integrity=false``, ``trainer=cpu`` ...). On a GPU
 the fast path is added unless ``--no-fast-path``: bf16 (``trainer=gpu``), the training set resident
-on the GPU, channels_last (torch.compile stays off: its compile time would come out of the budget).
+on the GPU, channels_last and identical peers fused (``perf.fuse_peers=auto``); torch.compile stays off
+(its compile time would come out of the budget).
 
 (About 300 lines: the four steps above and the summary they feed share one set of options.)
 """
@@ -48,7 +49,11 @@ from mcl_lightning.core.outputs import check_no_file_in_the_way, check_output_fo
 from mcl_lightning.runtime.multirun import merged, multirun, override_key, read_runs, require_launcher
 from mcl_lightning.runtime.study import PAPER_MATRIX, costs_at, gaps, plan_epochs, probe_slots
 
-FAST_PATH = ["trainer=gpu", "data.device_resident=true", "perf.channels_last=true"]
+# On a GPU the study runs in the fastest configuration that is safe on a first run: no switch changes the
+# maths (equality tests on CPU) or costs compile time; fuse_peers=auto keeps the loop for peers that
+# cannot be fused. Ops per step: benchmarks/ops_per_step.py (docs/benchmarks.md). CUDA graphs
+# (perf.compile) stay off: nothing measures yet whether their compile time pays within the budget.
+FAST_PATH = ["trainer=gpu", "data.device_resident=true", "perf.channels_last=true", "perf.fuse_peers=auto"]
 # What a probe job changes: a few steps, no validation, a one-batch test, a flat learning rate.
 PROBE = ["trainer.max_epochs=-1", "trainer.limit_train_batches=1.0", "trainer.limit_val_batches=0",
          "trainer.limit_test_batches=1", "trainer.num_sanity_val_steps=0", "optim.scheduler=constant", "seed=0"]
