@@ -160,7 +160,10 @@ def check_sweep(config: DictConfig, load: Callable[[list[str]], DictConfig]) -> 
     if not sweeper.endswith("BasicSweeper"):
         return  # another sweeper (Optuna) draws its jobs as it goes
     params = OmegaConf.select(config, "hydra.sweeper.params", default=None) or {}
-    jobs = expand([f"{k}={v}" for k, v in params.items()] + list(config.hydra.overrides.task))
+    try:
+        jobs = expand([f"{k}={v}" for k, v in params.items()] + list(config.hydra.overrides.task))
+    except Exception:  # what the sweeper cannot expand either: its own error follows
+        return
     if len(jobs) > 1:  # one job: its own error line is clear already
         check_jobs(jobs, load)
 
