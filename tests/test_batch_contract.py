@@ -9,6 +9,8 @@ import lightning as L
 import pytest
 import torch
 import torchvision
+from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, TensorDataset
 
 from mcl_lightning import MCLOKD, ConfigError, OKDSystem, PeerNetwork
@@ -45,12 +47,17 @@ def trainer(tmp_path, **kwargs) -> L.Trainer:
                      enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path, **kwargs)
 
 
-def test_pairs_train_validate_test_and_predict(tmp_path):
+def test_pairs_train_validate_test_and_predict_with_standard_callbacks(tmp_path):
     peers = PeerNetwork.from_backbone("resnet8", num_peers=2, num_classes=CLASSES)
     system = OKDSystem(peers, DML())
-    run = trainer(tmp_path)
+    best = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val/best_peer/top1", mode="max")
+    run = L.Trainer(max_epochs=2, accelerator="cpu", logger=CSVLogger(tmp_path), enable_progress_bar=False,
+                    enable_model_summary=False, callbacks=[best, LearningRateMonitor("epoch"),
+                                                           EarlyStopping("val/best_peer/top1", mode="max", patience=5)])
     run.fit(system, datamodule=PairData())
-    assert run.global_step == 3 and 0.0 <= system.val_history[-1]["ensemble/top1"] <= 1.0
+    assert run.global_step == 6 and 0.0 <= system.val_history[-1]["ensemble/top1"] <= 1.0
+    reloaded = OKDSystem.from_checkpoint(best.best_model_path)  # peers and method from the checkpoint alone
+    assert type(reloaded.method) is DML and len(reloaded.val_history) >= 1
     run.test(system, datamodule=PairData(), verbose=False)
     assert "best_peer/top1" in system.test_results
     batches = run.predict(system, datamodule=PairData())
