@@ -38,9 +38,13 @@ def accept_trainer_args(args: Sequence[str]) -> list[str]:
     """``trainer.<Trainer argument>=v`` as ``++trainer.<name>=v`` where conf/trainer/default.yaml does not
     list it (the listed ones stay plain overrides, as a sweep report reads them)."""
     listed = OmegaConf.create((resources.files("mcl_lightning.conf") / "trainer" / "default.yaml").read_text())
-    known = set(inspect.signature(lightning.Trainer).parameters) - set(listed)
-    return [f"++{arg}" if re.fullmatch(r"trainer\.(\w+)=.*", arg, re.S) and arg.split("=")[0][8:] in known else arg
-            for arg in args]
+    unlisted = set(inspect.signature(lightning.Trainer).parameters) - set(listed)
+
+    def accepted(arg: str) -> str:
+        match = re.fullmatch(r"trainer\.(\w+)=.*", arg, re.S)
+        return f"++{arg}" if match and match.group(1) in unlisted else arg
+
+    return [accepted(arg) for arg in args]
 
 
 # -- options of a group -----------------------------------------------------------------------------
