@@ -34,6 +34,7 @@ from mcl_lightning.core.errors import NonFiniteLossError
 from mcl_lightning.runtime.guards import NonFiniteLossGuard
 from mcl_lightning.runtime.lost_rank import LostRankError, lost_rank_error
 from mcl_lightning.runtime.perf import apply_perf
+from mcl_lightning.runtime.probe_window import ProbeWindow
 from mcl_lightning.runtime.progress import LossTermsProgressBar
 from mcl_lightning.runtime.rank_stats import RankBatchNormStats
 from mcl_lightning.runtime.results import format_table, objective, run_results, write_results
@@ -69,6 +70,8 @@ def build(cfg: DictConfig, run_dir: Path, ckpt_path: Path | None) -> tuple[Any, 
         "last": LastCheckpoint(checkpoint_dir, cfg.checkpoint.every_n_steps),  # after "best": its state included
         "throughput": TrainThroughput(),  # results.json's training images/s (the study planner reads it)
     }
+    if cfg.get("probe_window"):  # a study's concurrency probe (mcl_lightning.reproduce) times this job with the others
+        callbacks["probe_window"] = ProbeWindow(**OmegaConf.to_container(cfg.probe_window, resolve=True))
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks["progress"] = LossTermsProgressBar()
     trainer = instantiate(cfg.trainer, callbacks=list(callbacks.values()), logger=loggers or False,
