@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mcl_lightning.methods import OKDMethod
 from mcl_lightning.models import PeerNetwork, count_parameters
+from mcl_lightning.runtime.overrides import check_group_options
 from mcl_lightning.train import build_network
 
 from conftest import find_data_root
@@ -61,7 +62,9 @@ def compose_experiment(experiment: str, stand_ins: bool = False) -> DictConfig:
     if stand_ins:
         overrides += [f"{group}={STAND_INS[group]}" for group in missing_groups(experiment)]
     with initialize_config_module("mcl_lightning.conf", version_base="1.3"):
-        return compose("train", overrides=overrides)
+        cfg = compose("train", overrides=overrides)
+    check_group_options(cfg)  # every key it sets is an option of its group (what the entry point checks first)
+    return cfg
 
 
 def build(cfg: DictConfig) -> tuple[PeerNetwork, OKDMethod]:

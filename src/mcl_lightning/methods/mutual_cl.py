@@ -146,6 +146,7 @@ class MutualCL(OKDMethod):
         self.layout_peers = layout_peers
         self.contrast, self.pos_k, self.neg_k, self.bank_momentum = contrast, pos_k, neg_k, bank_momentum
         self.needs_train_labels = contrast == "bank"  # one bank row per training sample, class-aware draws
+        self.needs_indices = contrast == "bank"
 
     @property
     def reference_layout(self) -> PeerLayout:  # winycg/MCL models: *_n for N = 2, *_b otherwise
