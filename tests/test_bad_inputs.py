@@ -58,7 +58,23 @@ CASES = {
     "unknown data set": (["data=imagenet21k"], ["unknown data 'imagenet21k'", "cifar100", "cifar10"]),
     "unknown dataset name": (["data.dataset=svhn"], ["unknown data.dataset 'svhn'; choose one of", "cifar10, cifar100"]),
     "unknown trainer": (["trainer=tpu"], ["unknown trainer 'tpu'", "cpu", "ddp"]),
-    "unknown option": (["method.nce_kk=3"], ["method.nce_kk", "+method.nce_kk=3"]),
+    "unknown option": (["method.nce=64"], ["unknown option method.nce (MCLOKD has no option 'nce')",
+                                           "did you mean method.nce_k?", "method's options: projection_dim, nce_k"]),
+    "unknown option added with +": (["+method.nce=64"], ["unknown option method.nce", "did you mean method.nce_k?"]),
+    "unknown backbone option": (["backbone.branchpoint=2"], ["did you mean backbone.branch_point?"]),
+    "unknown data option": (["data.batchsize=32"], ["CIFARDataModule has no option 'batchsize'", "data.batch_size?"]),
+    "unknown perf option": (["perf.fuse=true"], ["did you mean perf.fuse_peers?", "channels_last"]),
+    "unknown trainer option": (["trainer.max_epoch=3"], ["did you mean trainer.max_epochs?"]),
+    "unknown experiment": (["experiment=cifar100/mcl_okd_resnet33"],
+                           ["unknown experiment 'cifar100/mcl_okd_resnet33'; the closest: cifar100/mcl_okd_resnet32"]),
+    "a Trainer argument without +": (["trainer.check_val_every_n_epoch=abc"],
+                                     ["trainer.check_val_every_n_epoch must be a number, got 'abc'"]),
+    "multirun: a job that cannot start": (["-m", "experiment=cifar100/mcl_okd_resnet32,cifar100/mcl_okd_resnet33",
+                                           "hydra.sweep.dir={root}/sweep"],
+                                          ["1 of 2 jobs of this multirun cannot start, so none was run: job 1 "
+                                           "(experiment=cifar100/mcl_okd_resnet33): unknown experiment"]),
+    "multirun: an option of some jobs": (["-m", "method=mcl_okd,dml", "hydra.sweep.dir={root}/sweep"],
+                                         ["job 1 (method=dml): unknown option method.nce_k (DML has no option"]),
     "tau<=0": (["method.tau=0"], ["method.tau", "must be > 0"]),
     "projection width<=0": (["method.projection_dim=0"], ["method.projection_dim must be >= 1, got 0"]),
     "negative loss weight": (["method.beta=-0.5"], ["loss weights must be >= 0", "beta=-0.5"]),
@@ -90,7 +106,9 @@ CASES = {
 
 # The unknown-option cases of one kind share one code path (Hydra's MissingConfigException or check_choice):
 # one of each kind runs by default, the others in make test-all.
-SAME_PATH = {"unknown peer backbone", "unknown method", "unknown data set", "unknown trainer"}
+SAME_PATH = {"unknown peer backbone", "unknown method", "unknown data set", "unknown trainer", "unknown option added with +",
+             "unknown backbone option", "unknown data option", "unknown perf option", "unknown trainer option",
+             "multirun: an option of some jobs"}
 
 
 @pytest.mark.parametrize("case", [c if c not in SAME_PATH else pytest.param(c, marks=pytest.mark.slow) for c in CASES])
@@ -103,14 +121,15 @@ def test_bad_input_is_one_clear_line_exit_2_and_changes_nothing(case, workspace,
     base = [o for o in [*FINISHED_RUN[:5], f"data.root={workspace['data']}", f"hydra.run.dir={tmp_path / 'run'}"]
             if o.split("=")[0] not in keys]
     before = snapshot(workspace["root"], workspace["finished"])
-    proc = run_cli("mcl_lightning.train", *base, *overrides, timeout=600)
+    flags = [o for o in overrides if o.startswith("-")]  # -m before the overrides, as Hydra's parser wants
+    proc = run_cli("mcl_lightning.train", *flags, *base, *[o for o in overrides if o not in flags], timeout=600)
     assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
     line = one_error_line(proc.stderr)
     for fragment in fragments:
         assert fragment.format(**names) in line, line
     assert snapshot(workspace["root"], workspace["finished"]) == before
     if not case.startswith(("nce_k", "truncated", "corrupted")):  # caught before Hydra writes anything
-        assert not (tmp_path / "run").exists()
+        assert not (tmp_path / "run").exists() and not (workspace["root"] / "sweep").exists()
 
 
 def test_non_finite_loss_stops_at_once_keeps_the_last_good_checkpoint(tmp_path, data_root):

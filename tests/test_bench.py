@@ -95,7 +95,10 @@ def test_row_syntax_and_settings_errors():
     with pytest.raises(ConfigError, match="steps"):
         bench.settings_from_args(bench.parse_args(["--steps", "0"]))
     tables = bench.settings_from_args(bench.parse_args(["--preset", "gpu", "--device", "cuda"]))
-    assert tables[0].batch_size == 64 and tables[1].batch_size == 256 and tables[0].compile == "reduce-overhead"
+    assert tables[0].name == "gpu_eager_fp32_b64" and not tables[0].compile  # eager tables first
+    assert tables[1].batch_size == 64 and tables[2].batch_size == 256 and tables[1].compile == "reduce-overhead"
+    headline = [t.name for t in bench.preset("gpu_headline", "cuda")]
+    assert headline == ["gpu_independent_loop_b256", "gpu_independent_fused_b256", "gpu_paper_batch64", "gpu_batch256"]
     assert not bench.parse_args([]).omp_passive and bench.parse_args(["--omp-passive"]).omp_passive
     default = bench.settings_from_args(bench.parse_args(["--device", "cpu"]))[0]
     assert (default.backbone, default.peers, default.topology, default.batch_size) == ("resnet32", 4, "shared_trunk", 64)

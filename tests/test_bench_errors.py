@@ -105,13 +105,13 @@ def test_reproduce_out_under_a_file_and_options_after_overrides(tmp_path, capsys
     (["--reproduce-args", "--seeds a"], "--reproduce-args / study overrides: --seeds"),
     (["--reproduce-args", "--max-epochs 0"], "--max-epochs must be >= 1"),
     (["--bench-args", '--steps "1'], "--bench-args '--steps \"1': No closing quotation"),
-    (["--minutes", "3"], "--minutes 3 leaves the study 15 s"),
-    (["--minutes", "4", "--bench-seconds", "600"], "--bench-seconds 600 must be > 0 and less than --minutes 4"),
+    (["--minutes", "3"], "--minutes 3 leaves the study 5 s"),
+    (["--minutes", "4", "--bench-seconds", "600"], "--bench-seconds 600 must be > 20 and less than --minutes 4"),
     (["--reproduce-args", "--out x"], "--out is set by gpu_evidence"),
     (["--reproduce-args=--minutes=3"], "--minutes=3 is set by gpu_evidence"),
 ])
 def test_gpu_evidence_checks_the_study_before_the_benchmark(argv, says, monkeypatch, tmp_path, capsys):
-    monkeypatch.setattr(gpu_evidence, "stream", lambda *a: pytest.fail("a step started"))
+    monkeypatch.setattr(gpu_evidence, "run_child", lambda *a, **k: pytest.fail("a step started"))
     out = tmp_path / "evidence"
     assert says in fails(gpu_evidence.main, ["trainer=cpu", "--out", str(out), *argv], capsys)
     assert not out.exists()

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mcl_lightning.methods import OKDMethod
 from mcl_lightning.models import PeerNetwork, count_parameters
+from mcl_lightning.runtime.overrides import check_group_options
 from mcl_lightning.train import build_network
 
 from conftest import find_data_root
@@ -61,7 +62,9 @@ def compose_experiment(experiment: str, stand_ins: bool = False) -> DictConfig:
     if stand_ins:
         overrides += [f"{group}={STAND_INS[group]}" for group in missing_groups(experiment)]
     with initialize_config_module("mcl_lightning.conf", version_base="1.3"):
-        return compose("train", overrides=overrides)
+        cfg = compose("train", overrides=overrides)
+    check_group_options(cfg)  # every key it sets is an option of its group (what the entry point checks first)
+    return cfg
 
 
 def build(cfg: DictConfig) -> tuple[PeerNetwork, OKDMethod]:
@@ -137,6 +140,8 @@ def test_recipes_follow_the_repository_that_produced_the_number(experiment):
             # winycg/MCL@236da2f main_cifar.py:49: --tau 0.1 since e81472e; the scripts pass none
             assert (cfg.method.contrast, cfg.method.tau) == ("batch", 0.1)
             assert cfg.method.logit_distill == name.startswith("mcl_x4_logit_kd_")
+            # main_cifar.py:158-169's logit KD: detached teacher, both peers if N = 2 (the defaults)
+            assert (cfg.method.logit_kd_students, cfg.method.logit_kd_detach_teacher) == ("pair_or_last", True)
             n = 2 if name.startswith("mcl_x2_") else 4  # N = 2: independent networks, else branched
             assert (cfg.peers, cfg.topology) == (n, "independent" if n == 2 else "shared_trunk")
     elif method in ("dml", "cl_ilr", "one", "okddip"):  # main_cifar_<method>.py, method.md §10.2
@@ -153,6 +158,8 @@ def test_recipes_follow_the_repository_that_produced_the_number(experiment):
         m = cfg.method
         assert (m.contrast, m.tau, m.neg_k, m.pos_k, m.bank_momentum) == ("bank", 0.07, 8192, 1, 0.5)
         assert m.logit_distill == name.startswith("mcl_x4_logit_kd_")
+        if m.logit_distill:  # main_imagenet.py:145-153: the last peer only, teacher not detached
+            assert (m.logit_kd_students, m.logit_kd_detach_teacher) == ("last", False)
         assert _recipe(cfg) == (256, 0.1, 1e-4, "multistep", 90) and list(cfg.optim.milestones) == [30, 60, 90]
         n = 2 if name.startswith("mcl_x2_") else 4
         assert (cfg.peers, cfg.topology) == (n, "independent" if n == 2 else "shared_trunk")

@@ -72,6 +72,24 @@ def test_channels_last_and_fused_peers_equal_eager():
     torch.testing.assert_close(fast(x).logits, eager(x).logits, rtol=1e-10, atol=1e-12)
 
 
+def test_fuse_peers_auto_fuses_identical_peers_and_loops_the_rest(caplog):
+    """``perf.fuse_peers=auto`` (the study's setting): fused where it can be, equal to the loop; peers
+    that cannot be fused (different backbones) stay the loop, logged, where ``true`` stops."""
+    eager = _peers("shared_trunk", torch.float64)
+    fused, _ = apply_perf(copy.deepcopy(eager), MCLOKD(), {"fuse_peers": "auto"})
+    assert isinstance(fused, FusedPeerNetwork)
+    x = torch.randn(3, 3, 8, 8, dtype=torch.float64)
+    torch.testing.assert_close(fused(x).logits, eager(x).logits, rtol=1e-10, atol=1e-12)
+    mixed = PeerNetwork.from_backbone(["resnet8", "resnet20"], topology="independent", num_classes=10)
+    with caplog.at_level("INFO", logger="mcl_lightning"):
+        kept, _ = apply_perf(mixed, MCLOKD(), {"fuse_peers": "auto"})
+    assert kept is mixed and "perf.fuse_peers=auto: the peers run one by one" in caplog.text
+    with pytest.raises(ConfigError, match="perf.fuse_peers"):
+        apply_perf(mixed, MCLOKD(), {"fuse_peers": True})
+    with pytest.raises(ConfigError, match="choose false, true or auto"):
+        apply_perf(mixed, MCLOKD(), {"fuse_peers": "sometimes"})
+
+
 def test_options_are_checked():
     assert PerfOptions.from_config(None) == PerfOptions()
     assert PerfOptions(compile=True).compile_mode == "default" and PerfOptions(compile="false").compile_mode is None

@@ -20,6 +20,14 @@ def test_hash32_is_a_bijection_on_a_block_and_matches_the_int_version():
     assert sample_keys(7, 3, indices).tolist() == [sample_key(7, 3, i) for i in indices.tolist()]
 
 
+def test_mul32_is_the_product_mod_2_32_without_overflow():
+    """Both halves of the constant range (below and above 2**31), the extremes of x included."""
+    x = torch.cat([torch.tensor([0, 1, 2, (1 << 31) - 1, 1 << 31, rng.MASK32 - 1, rng.MASK32]),
+                   torch.randint(0, 1 << 32, (2000,))])
+    for c in (0, 1, 0x7FEB352D, (1 << 31) - 1, 1 << 31, 0x846CA68B, rng.MASK32):
+        assert rng._mul32(x, c).tolist() == [(v * c) % (1 << 32) for v in x.tolist()], hex(c)
+
+
 def test_uniform_and_below_are_uniform():
     h = rng.mix(rng.key(0, 1), torch.arange(200_000))
     u = rng.uniform(h)

@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 from mcl_lightning.runtime.ddp import DEFAULT_TIMEOUT_S
 from mcl_lightning.methods import OKDMethod
 from mcl_lightning.models import PeerNetwork, count_parameters
+from mcl_lightning.runtime.overrides import check_group_options
 from mcl_lightning.train import build_network
 
 from conftest import TINY, check_two_peer_run, only_error_line, tiny_training_run  # noqa: F401  (TINY: imported by other test files)
@@ -37,7 +38,9 @@ def run_train(*overrides: str, cwd: Path | None = None, env: dict | None = None)
 
 def _compose(overrides: list[str]):
     with initialize_config_module("mcl_lightning.conf", version_base="1.3"):
-        return compose("train", overrides=overrides)
+        cfg = compose("train", overrides=overrides)
+    check_group_options(cfg)  # every key is an option of its group (what the entry point checks first)
+    return cfg
 
 
 @pytest.mark.parametrize("backbone", options("backbone"))

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from mcl_lightning.core.errors import ConfigError
 from mcl_lightning.core.registry import check_choice
+from mcl_lightning.data.indexed import batch_images, split_batch
 from mcl_lightning.methods.base import OKDMethod
 from mcl_lightning.runtime.checkpointing import read_checkpoint
 from mcl_lightning.runtime.metrics import PeerMetrics
@@ -75,6 +76,8 @@ class OKDSystem(L.LightningModule):
         spec = peers.spec()
         method.attach(spec)  # the one place where a method meets its network
         num_classes = spec.num_classes if num_classes is None else num_classes
+        if num_classes < 1:  # peers whose classifiers hold no nn.Linear: the metrics need the class count
+            raise ConfigError("the peers' classifiers do not tell the number of classes; pass OKDSystem(..., num_classes=N)")
         milestones = [int(m) for m in milestones]  # plain list: checkpoints load with weights_only=True
         self.save_hyperparameters(ignore=["peers", "method"])
         self.peers = peers
@@ -95,7 +98,7 @@ class OKDSystem(L.LightningModule):
             if self.method.needs_train_labels:
                 raise ConfigError(
                     f"method {self.method.name!r} needs the training labels: pass a DataModule with a "
-                    "`train_labels` tensor (dataset-index order) to trainer.fit"
+                    "`train_labels` tensor (dataset-index order, e.g. WithIndex(train_set).labels) to trainer.fit"
                 )
             return
         self.method.setup_data(labels)
@@ -108,8 +111,9 @@ class OKDSystem(L.LightningModule):
     def on_train_epoch_start(self) -> None:
         self.method.set_epoch(self.current_epoch, self.trainer.max_epochs)
 
-    def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> dict[str, Any]:
-        images, labels, indices = batch
+    def training_step(self, batch: Sequence[Tensor], batch_idx: int) -> dict[str, Any]:
+        # (images, labels) or (images, labels, dataset indices): memory-bank methods need the indices
+        images, labels, indices = split_batch(batch, self.method.needs_indices, f"method {self.method.name!r}")
         output = self.peers(images)
         losses = self.method(output, labels, indices)
         loss = torch.stack(list(losses.values())).sum()
@@ -127,7 +131,7 @@ class OKDSystem(L.LightningModule):
         return {"loss": loss, "terms": {name: value.detach() for name, value in losses.items()}}
 
     # -- evaluation -------------------------------------------------------------------------
-    def validation_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> None:
+    def validation_step(self, batch: Sequence[Tensor], batch_idx: int) -> None:
         self._update_metrics(self.val_metrics, batch)
 
     def on_validation_epoch_end(self) -> None:
@@ -135,16 +139,22 @@ class OKDSystem(L.LightningModule):
         if not self.trainer.sanity_checking:
             self.val_history.append({**values, "epoch": self.current_epoch})
 
-    def test_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> None:
+    def test_step(self, batch: Sequence[Tensor], batch_idx: int) -> None:
         self._update_metrics(self.test_metrics, batch)
 
     def on_test_epoch_end(self) -> None:
         self.test_results = self._log_metrics("test", self.test_metrics)
 
-    def _update_metrics(self, metrics: PeerMetrics, batch: tuple[Tensor, Tensor, Tensor]) -> None:
-        images, labels, _ = batch
+    def _update_metrics(self, metrics: PeerMetrics, batch: Sequence[Tensor]) -> None:
+        images, labels, _ = split_batch(batch, False, "evaluation")  # evaluation never needs the indices
         output = self.peers(images)
         metrics.update(output.logits, labels, self.method.ensemble(output))
+
+    def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
+        """``{"peers": logits (N, B, classes), "ensemble": the method's ensemble logits (B, classes)}`` for a
+        batch of images alone or ``(images, ...)``."""
+        output = self.peers(batch_images(batch))
+        return {"peers": output.logits, "ensemble": self.method.ensemble(output)}
 
     def _log_metrics(self, stage: str, metrics: PeerMetrics) -> dict[str, float]:
         """Compute, log (as ``<stage>/<name>``) and reset; returns the values as floats."""
@@ -159,7 +169,9 @@ class OKDSystem(L.LightningModule):
         hp = self.hparams
         settings = dict(lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay, nesterov=hp.nesterov)
         groups = [{"params": list(self.peers.parameters())}, *self.method.parameter_groups(settings)]
-        optimizer = torch.optim.SGD(groups, **settings)
+        # foreach: a few multi-tensor ops per group instead of a few ops per parameter (what torch picks on
+        # CUDA anyway; on the CPU the same elementwise maths, bit for bit: tests/test_system.py)
+        optimizer = torch.optim.SGD(groups, foreach=True, **settings)
         if hp.scheduler == "constant":
             return {"optimizer": optimizer}
         if hp.scheduler == "multistep":

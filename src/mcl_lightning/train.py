@@ -27,7 +27,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from mcl_lightning.runtime import history, validation
+from mcl_lightning.runtime import history, overrides, validation
 from mcl_lightning.runtime.build import build_network, data_options, schedule_options
 from mcl_lightning.runtime.checkpointing import (AtomicCheckpointIO, BestCheckpoint, LastCheckpoint,
                                                  remove_stale_temporaries, resolve_ckpt_path)
@@ -35,6 +35,7 @@ from mcl_lightning.core.errors import NoScoreError, NonFiniteLossError
 from mcl_lightning.runtime.guards import NonFiniteLossGuard
 from mcl_lightning.runtime.lost_rank import LostRankError, lost_rank_error
 from mcl_lightning.runtime.perf import apply_perf
+from mcl_lightning.runtime.probe_window import ProbeWindow
 from mcl_lightning.runtime.progress import LossTermsProgressBar
 from mcl_lightning.runtime.rank_stats import RankBatchNormStats
 from mcl_lightning.runtime.runlog import RunLog
@@ -76,6 +77,8 @@ def build(cfg: DictConfig, run_dir: Path, ckpt_path: Path | None) -> tuple[Any, 
         "throughput": TrainThroughput(),  # results.json's training images/s (the study planner reads it)
         "history": history.RunHistory(),  # the logged rows, tracker runs and epoch's running means in checkpoints
     }
+    if cfg.get("probe_window"):  # a study's concurrency probe (mcl_lightning.reproduce) times this job with the others
+        callbacks["probe_window"] = ProbeWindow(**OmegaConf.to_container(cfg.probe_window, resolve=True))
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks["progress"] = LossTermsProgressBar()
     trainer = instantiate(cfg.trainer, callbacks=list(callbacks.values()), logger=loggers or False,
@@ -196,6 +199,7 @@ def main() -> None:
     """``mcl-train`` / ``python -m mcl_lightning.train``: Hydra's own errors (unknown group option, bad
     override) are one line and exit status 2 too."""
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # let composition errors reach us instead of Hydra's report
+    sys.argv[1:] = overrides.accept_trainer_args(sys.argv[1:])  # any Trainer argument as trainer.<name>=
     try:
         _hydra_main()
     except MissingConfigException as error:
@@ -203,11 +207,7 @@ def main() -> None:
             print('error: hydra/sweeper=optuna (and hparams_search=) needs hydra-optuna-sweeper: '
                   'pip install "mcl-lightning[tune]"', file=sys.stderr)
             sys.exit(2)
-        group = (error.missing_cfg_file or "").split("/")[0]
-        value = (error.missing_cfg_file or "").split("/")[-1]
-        choices = ", ".join(error.options or [])
-        print(f"error: unknown {group} {value!r}; choose one of: {choices} (as {group}=<name>)"
-              if group and error.options else f"error: {' '.join(str(error).split())}", file=sys.stderr)
+        print(f"error: {overrides.missing_config_message(error)}", file=sys.stderr)
         sys.exit(2)
     except (NonFiniteLossError, NoScoreError):  # a sweep stopped by a failed job, whose line is printed already
         sys.exit(2)
@@ -218,8 +218,21 @@ def main() -> None:
               file=sys.stderr)
         sys.exit(2)
     except (ConfigCompositionException, OverrideParseException) as error:
-        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
+        args = [a for a in sys.argv[1:] if not a.startswith("-")]
+        multirun = "-m" in sys.argv or "--multirun" in sys.argv  # then each job is named
+        found = (overrides.explain_sweep if multirun else overrides.explain_composition)(error, args, compose)
+        print(f"error: {found or ' '.join(str(error).split())}", file=sys.stderr)
         sys.exit(2)
+
+
+def compose(args: list[str]) -> DictConfig:
+    """The train config for ``args`` through Hydra's compose API (after the entry point's own attempt)."""
+    from hydra import compose as hydra_compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_module("mcl_lightning.conf", version_base="1.3"):
+        return hydra_compose("train", overrides=args)
 
 
 if __name__ == "__main__":

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import os
 import sys
 import time
+import traceback
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -28,6 +28,7 @@ from mcl_lightning.data.paths import default_data_root
 from mcl_lightning.evaluate import parse_overrides
 from mcl_lightning.models import PeerNetwork
 from mcl_lightning.runtime.perf import PerfOptions
+from mcl_lightning.runtime.results import write_results
 
 TABLE_RESERVE_S = 60.0  # a further table starts only with this much of --max-seconds left
 
@@ -177,12 +178,17 @@ def threading_environment() -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """``python -m mcl_lightning.bench``: a person's mistake (bad option, missing or unreadable data) is
-    one line and exit status 2."""
+    one line and exit status 2; a table or row that failed is in the JSON (``failures``) and exit status 1."""
     try:
-        return run(argv)
+        results = run(argv)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    if results["failures"]:  # measured and written, but not whole: a caller (gpu_evidence, CI) must see it
+        print(f"error: {len(results['failures'])} table(s) or row(s) failed: " + "; ".join(results["failures"]),
+              file=sys.stderr)
+        sys.exit(1)
+    return results
 
 
 def data_root(args: argparse.Namespace, overrides: dict[str, Any]) -> tuple[Path, str]:
@@ -243,7 +249,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         "device": args.device, "device_name": device_name(device), "torch_version": torch.__version__,
         "lightning_version": L.__version__, "threads": torch.get_num_threads(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(unset)"), "threading": threading_environment(),
-        "load_average_at_start": _loadavg(), "tables": [],
+        "load_average_at_start": _loadavg(), "tables": [], "failures": [],
     }
     for table in tables:
         if time.monotonic() > deadline - TABLE_RESERVE_S and results["tables"]:  # a table's first repeat always runs
@@ -255,15 +261,18 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         dm.batch_size = dm.per_device_batch_size = table.batch_size
         try:
             result = run_table(table, dm, deadline, log, args.profile)
+        except UserError:  # the user's mistake: every table would fail
+            raise
         except Exception as error:  # one table's failure (e.g. a compile error) must not lose the others
-            if len(tables) == 1 or isinstance(error, UserError):  # the user's mistake: every table would fail
-                raise
-            log(f"[{table.name}] failed: {type(error).__name__}: {error}")
+            log(f"[{table.name}] failed: {type(error).__name__}: {error}\n{traceback.format_exc()}")
             result = {"settings": table_settings(table), "error": f"{type(error).__name__}: {error}", "rows": [],
                       "data_path": [], "skipped": [], "targets": [], "repeats_done": 0}
         results["tables"].append(result)
-        if result["rows"] or result["data_path"]:
+        if result["rows"] or result["data_path"] or result.get("failed"):
             print(format_table(result), flush=True)
+        results["failures"] = failures(results["tables"])
+        if args.json is not None:  # after every table: a benchmark killed at its time limit keeps what it measured
+            write_results(args.json, results)
     fused = fused_comparison(results["tables"])
     if fused:
         results["fused_vs_loop"] = fused
@@ -277,9 +286,16 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
           f"OMP_WAIT_POLICY={results['omp_wait_policy']} | load {results['load_average_at_start']} -> "
           f"{results['load_average_at_end']} | {results['wall_seconds']:.0f} s", flush=True)
     if args.json is not None:
-        args.json.write_text(json.dumps(results, indent=2, default=str) + "\n")
+        write_results(args.json, results)
         print(f"results: {args.json}", flush=True)
     return results
+
+
+def failures(tables: list[dict[str, Any]]) -> list[str]:
+    """Every table that failed and every row that raised, one line each (empty: all ran)."""
+    out = [f"table {t['settings']['name']}: {t['error']}" for t in tables if t.get("error")]
+    out += [f"{t['settings']['name']} / {row['name']}: {row['error']}" for t in tables for row in t.get("failed", [])]
+    return out
 
 
 def _loadavg() -> list[float] | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import statistics
 import time
+import traceback
 from typing import Any, Callable
 
 from mcl_lightning.bench.data_path import data_path
@@ -64,13 +65,19 @@ def run_table(settings: Settings, dm: CIFARDataModule, deadline: float, log: Cal
             except ConfigError as error:  # a method that cannot train this network: say so, go on
                 failed[row.label] = str(error)
                 results["skipped"].append({"name": row.label, "reason": str(error)})
+            except Exception as error:  # noqa: BLE001  a row that breaks: reported as failed, the others go on
+                failed[row.label] = row_failed(results, row.label, error, log)
         repeat_seconds.append(time.monotonic() - started)
         log(f"  repeat {repeat + 1}: {repeat_seconds[-1]:.0f} s")
     results["repeats_done"] = len(repeat_seconds)
     # A closing floor run: each row's ratio uses the floor interpolated between the runs before and
     # after it (by its position in the repeat), so a machine getting busier or quieter during a
     # repeat does not favour the rows that ran late.
-    runs[floor_row.label].append(bench.run_plain(floor_row))
+    if floor_row.label not in failed:
+        try:
+            runs[floor_row.label].append(bench.run_plain(floor_row))
+        except Exception as error:  # noqa: BLE001
+            failed[floor_row.label] = row_failed(results, floor_row.label + " (closing run)", error, log)
 
     images = settings.steps * settings.batch_size
     floor = runs[floor_row.label]
@@ -92,17 +99,22 @@ def run_table(settings: Settings, dm: CIFARDataModule, deadline: float, log: Cal
             "kind": "plain loop" if row.plain else "lightning",
             "images_per_s": images / statistics.median(seconds),
             "ms_per_step": 1000 * statistics.median(seconds) / settings.steps,
-            "ratio_to_floor": statistics.median(ratios),
+            "ratio_to_floor": statistics.median(ratios) if ratios else None,  # None: the floor failed
             "images_per_s_runs": [images / s for s in seconds],
             "ratio_to_floor_runs": ratios,
             # the same ratio in process CPU time: what each step costs, whatever else the machine runs
-            "ratio_to_floor_cpu_time": statistics.median(cpu_ratios),
+            "ratio_to_floor_cpu_time": statistics.median(cpu_ratios) if cpu_ratios else None,
             "ratio_to_floor_cpu_time_runs": cpu_ratios,
             "peak_memory_bytes": max(peaks) if peaks else None,
             "peak_memory_kind": PeakMemory(device).kind,
         }
         if syncs[row.label]:
             entry["host_syncs_in_timed_steps"] = max(syncs[row.label])
+        warmups = [run.warmup_s for run in runs[row.label] if run.warmup_s is not None]
+        if warmups:
+            entry["warmup_s_runs"] = warmups
+            if settings.perf().compile_mode is not None:  # the first run compiles; later ones reuse its graphs
+                entry["compile_s"] = warmups[0]
         results["rows"].append(entry)
     by_name = {r["name"]: r for r in results["rows"]}
     for row in rows:  # Lightning against the plain loop of the same method
@@ -124,6 +136,15 @@ def run_table(settings: Settings, dm: CIFARDataModule, deadline: float, log: Cal
                 break
             results["profiles"].append(profile_row(bench, row))
     return results
+
+
+def row_failed(results: dict[str, Any], label: str, error: Exception, log: Callable[[str], None]) -> str:
+    """Record a row that raised in ``results["failed"]`` (its error and traceback's last lines); the error."""
+    message = f"{type(error).__name__}: {error}"
+    log(f"  row {label} FAILED: {message}\n{traceback.format_exc()}")
+    results.setdefault("failed", []).append({"name": label, "error": message,
+                                             "traceback": traceback.format_exc().splitlines()[-8:]})
+    return message
 
 
 def compile_counters() -> dict[str, Any]:

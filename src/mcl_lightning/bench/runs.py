@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
+import time
 from dataclasses import replace
 from typing import Any, Iterator
 
@@ -42,6 +44,10 @@ class Bench:
             peers.to(self.device)
             self.networks[key] = (peers, copy.deepcopy(peers.state_dict()))
         peers, state = self.networks[key]
+        if any(t.device != self.device for t in itertools.chain(peers.parameters(), peers.buffers())):
+            # A Trainer's teardown moved it (Lightning's strategy calls .cpu() on the LightningModule, and
+            # so on this shared network): back to the table's device; the weights come from ``state``.
+            peers.to_empty(device=self.device)
         peers.load_state_dict(state)
         return peers
 
@@ -91,6 +97,7 @@ class Bench:
         clock = Clock(self.device)
         batches = self.batches()
         total = self.s.warmup + self.s.steps
+        began, warmup_s = time.perf_counter(), None
         for step in range(total):
             images, labels, indices = next(batches)
             with self.autocast():
@@ -106,6 +113,7 @@ class Bench:
             if step == self.s.warmup - 1:
                 memory.start()
                 sync(self.device)
+                warmup_s = time.perf_counter() - began  # compilation included
                 if profiler is not None:
                     profiler.start()
                 clock.mark()
@@ -116,7 +124,7 @@ class Bench:
         if profiler is not None:
             profiler.stop()
         wall, cpu = clock.seconds()
-        return Run(wall, cpu, memory.stop())
+        return Run(wall, cpu, memory.stop(), warmup_s)
 
     def run_lightning(self, row: RowSpec, syncs: list[int] | None = None, profiler: Any = None) -> Run:
         """As ``run_plain``, through ``OKDSystem`` + ``lightning.Trainer`` (``syncs``: the CUDA host
@@ -136,7 +144,7 @@ class Bench:
         if syncs is not None and timer.host_syncs is not None:
             syncs.append(timer.host_syncs)
         wall, cpu = timer.clock.seconds()
-        return Run(wall, cpu, timer.peak)
+        return Run(wall, cpu, timer.peak, timer.warmup_s)
 
 
 

@@ -18,7 +18,7 @@ def check_targets(s: Settings, results: dict[str, Any]) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
 
     def ratio(row: str, goal: float, what: str) -> None:
-        if row in rows:
+        if row in rows and rows[row]["ratio_to_floor"] is not None:
             value = rows[row]["ratio_to_floor"]
             out.append({"target": what, "row": row, "value": value, "goal": goal, "met": value >= goal,
                         "by": value - goal})
@@ -93,13 +93,16 @@ def format_table(table: dict[str, Any]) -> str:
         f"{s['warmup']} warmup, {table['repeats_done']}/{s['repeats']} repeats, median",
         f"{'row':<34} {'images/s':>10} {'ms/step':>9} {'x floor':>8} {'(cpu t)':>8} {'x plain':>8} {'peak MB':>9}",
     ]
+    def number(value: float | None, spec: str) -> str:
+        return "" if value is None else format(value, spec)
+
     for r in table["rows"]:
-        plain = r.get("ratio_to_plain_loop")
         peak = r["peak_memory_bytes"]
         lines.append(
-            f"{r['name']:<34} {r['images_per_s']:>10.1f} {r['ms_per_step']:>9.1f} {r['ratio_to_floor']:>8.3f} "
-            f"{r['ratio_to_floor_cpu_time']:>8.3f} {'' if plain is None else f'{plain:.3f}':>8} "
+            f"{r['name']:<34} {r['images_per_s']:>10.1f} {r['ms_per_step']:>9.1f} {number(r['ratio_to_floor'], '.3f'):>8} "
+            f"{number(r['ratio_to_floor_cpu_time'], '.3f'):>8} {number(r.get('ratio_to_plain_loop'), '.3f'):>8} "
             f"{'' if peak is None else f'{peak / 2**20:.0f}':>9}"
+            + ("" if r.get("compile_s") is None else f"  (compiled in {r['compile_s']:.0f} s)")
         )
     for r in table["data_path"]:
         lines.append(f"{'data: ' + r['name']:<34} {r['images_per_s']:>10.0f}")
@@ -112,6 +115,8 @@ def format_table(table: dict[str, Any]) -> str:
         )
     for skipped in table["skipped"]:
         lines.append(f"skipped {skipped['name']}: {skipped['reason']}")
+    for failed in table.get("failed", []):
+        lines.append(f"FAILED {failed['name']}: {failed['error']}")
     for t in table["targets"]:
         lines.append(f"target {'MET ' if t['met'] else 'MISSED'} {t['target']}: {t['value']:.3f} (goal {t['goal']}, by {t['by']:+.3f})")
     for p in table.get("profiles", []):

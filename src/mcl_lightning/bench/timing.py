@@ -107,12 +107,19 @@ class StepTimer(L.Callback):
         self.host_syncs: int | None = None
         self._catch: Any = None
         self._caught: list[warnings.WarningMessage] = []
+        self.began: float | None = None
+        self.warmup_s: float | None = None
+
+    def on_train_batch_start(self, *_: Any) -> None:
+        if self.began is None:
+            self.began = time.perf_counter()
 
     def on_train_batch_end(self, trainer: L.Trainer, *_: Any) -> None:
         step = trainer.global_step  # optimizer steps done, this one included
         if step == self.warmup:
             self.memory.start()
             sync(self.device)
+            self.warmup_s = time.perf_counter() - (self.began or time.perf_counter())  # compilation included
             if self.device.type == "cuda":
                 self._catch = warnings.catch_warnings(record=True)
                 self._caught = self._catch.__enter__()
@@ -143,4 +150,5 @@ class Run:
     wall: float  # seconds of the timed steps (CPU: median step x steps)
     cpu: float  # process CPU seconds over them (all threads; CPU: median step x steps)
     peak: int | None  # peak memory, bytes
+    warmup_s: float | None = None  # the untimed warm-up steps (compilation included), from the first step
 

@@ -126,6 +126,7 @@ class NegativeSampler(nn.Module):
         self.mode = "replacement" if replacement else "dense"
         self.num_candidates = 0  # M of the sparse path
         self._table: Tensor | None = None  # first_distinct's scratch (not state: rebuilt on demand)
+        self._slot_hashes: dict[tuple, Tensor] = {}  # _slots' per-slot hashes (not state: rebuilt on demand)
         # Training-set indices sorted by class, and where each class starts in that order. Derived
         # from the labels at every setup, so kept out of checkpoints (persistent=False).
         self.register_buffer("order", torch.empty(0, dtype=torch.long), persistent=False)
@@ -212,7 +213,10 @@ class NegativeSampler(nn.Module):
 
     def _slots(self, n: int, stream: int, row: Tensor) -> Tensor:
         """(B, n) 32-bit hashes of (row, stream, slot)."""
-        slots = rng.hash32(torch.arange(n, device=row.device) ^ stream)
+        key = (n, stream, row.device)
+        slots = self._slot_hashes.get(key)
+        if slots is None:  # the same every step: hashed once (a dozen ops fewer per step)
+            slots = self._slot_hashes[key] = rng.hash32(torch.arange(n, device=row.device) ^ stream)
         return rng.hash32(row ^ slots)
 
     def _with_replacement(self, row: Tensor, pool: Tensor) -> Tensor:

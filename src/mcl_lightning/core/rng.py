@@ -12,7 +12,7 @@ is in the batch. Two things follow:
 
 Everything is integer arithmetic on int64 tensors holding 32-bit values, on any device (no host
 synchronisation): ``hash32`` is Chris Wellons' "lowbias32" integer hash, with the 32-bit
-multiplications split so that no int64 product overflows.
+multiplications done so that no int64 product overflows (``_mul32``).
 """
 
 from __future__ import annotations
@@ -66,10 +66,13 @@ def run_seed(seed: int | None = None) -> int:
 
 
 def _mul32(x: Tensor, c: int) -> Tensor:
-    """``(x * c) mod 2**32`` for 0 <= x < 2**32 without int64 overflow (16-bit halves of c)."""
-    low = x * (c & 0xFFFF)  # < 2**48
-    high = ((x * (c >> 16)) & 0xFFFF) << 16  # (x * c_hi * 2**16) mod 2**32
-    return (low + high) & MASK32
+    """``(x * c) mod 2**32`` for 0 <= x < 2**32 and 0 <= c < 2**32, in two ops without int64 overflow.
+
+    c and c - 2**32 are equal mod 2**32, and one of them lies in [-2**31, 2**31): times x (< 2**32)
+    its product stays inside int64, and ``& MASK32`` of the two's-complement result is the product
+    mod 2**32 (exact; tests/test_rng.py checks it against Python's integers)."""
+    k = c if c < 1 << 31 else c - (1 << 32)
+    return (x * k) & MASK32
 
 
 def hash32(x: Tensor) -> Tensor:

@@ -1,4 +1,5 @@
-"""Data: the DataModule contract (base.py), CIFAR-10/100 (cifar.py), ImageNet folders (imagenet.py)."""
+"""Data: the DataModule contract (base.py), CIFAR-10/100 (cifar.py), ImageNet folders (imagenet.py), and
+``WithIndex`` (indexed.py), which adds the dataset index memory-bank methods need to any dataset."""
 
 from mcl_lightning.data.augment import (
     CIFAR10_MEAN,
@@ -16,6 +17,7 @@ from mcl_lightning.data.augment import (
 from mcl_lightning.data.base import InMemoryDataset, OKDData, OKDDataModule, already_batched, stratified_split
 from mcl_lightning.data.cifar import CIFARDataModule
 from mcl_lightning.data.imagenet import ImageNetDataModule
+from mcl_lightning.data.indexed import WithIndex
 from mcl_lightning.data.sampling import EvalShardSampler, GlobalOrderSampler
 from mcl_lightning.data.resident import DeviceResidentLoader
 
@@ -41,4 +43,5 @@ __all__ = [
     "sample_key",
     "sample_keys",
     "stratified_split",
+    "WithIndex",
 ]

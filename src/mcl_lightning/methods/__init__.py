@@ -1,6 +1,6 @@
 """OKD methods: one file per method, each returning a dict of named, weighted loss terms."""
 
-from mcl_lightning.methods.base import OKDMethod, get_method, list_methods, register_method
+from mcl_lightning.methods.base import OKDMethod, get_method, list_methods, reference_layout, register_method
 from mcl_lightning.methods.cl_ilr import CLILR
 from mcl_lightning.methods.dml import DML
 from mcl_lightning.methods.independent import Independent
@@ -10,4 +10,4 @@ from mcl_lightning.methods.okddip import OKDDip
 from mcl_lightning.methods.one import ONE
 
 __all__ = ["CLILR", "DML", "Independent", "MCLOKD", "MutualCL", "OKDDip", "OKDMethod", "ONE", "get_method",
-           "list_methods", "register_method"]
+           "list_methods", "reference_layout", "register_method"]

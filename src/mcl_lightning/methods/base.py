@@ -10,12 +10,16 @@ everything that depends on the network (peer count, feature widths, the trunk) i
 
 and then, once per training step:
 
-    method(output: PeerOutput, labels: (B,), indices: (B,)) -> {"term": weighted loss, ...}
+    method(output: PeerOutput, labels: (B,), indices: (B,) or None) -> {"term": weighted loss, ...}
+
+``indices`` (each sample's index in the training set) is None for ``(images, labels)`` batches; a method
+that needs them (one memory-bank row per training image) sets ``needs_indices = True`` and the system
+refuses such batches in one line.
 
 The system minimises the sum of the terms and logs each. Hooks a method may override, all optional:
 
-- ``reference_layout`` (class attribute): how its reference shares layers between peers; the entry
-  point builds the network with it unless ``topology=`` / ``backbone.branch_point=`` say otherwise.
+- ``reference_layout`` (class attribute): how its reference shares layers between peers; the config's
+  ``model.layout`` builds the network with it unless ``topology=`` / ``backbone.branch_point=`` say otherwise.
 - ``min_peers``, ``accepts_heterogeneous``, ``requires_shared_trunk``: checked in ``attach``.
 - ``build(spec)``: create the network-dependent modules (heads, gates).
 - ``ensemble(output)``: the logits its ensemble reports (default: mean of the peers' logits).
@@ -49,6 +53,7 @@ class OKDMethod(nn.Module):
     accepts_heterogeneous: ClassVar[bool] = True
     requires_shared_trunk: ClassVar[bool] = False
     needs_train_labels: ClassVar[bool] = False  # True: setup_data must receive the training set's labels
+    needs_indices: ClassVar[bool] = False  # True: batches must carry dataset indices (memory banks); else None
     ensemble_description: ClassVar[str] = "mean of the peers' logits"
 
     def __init__(self) -> None:
@@ -127,7 +132,7 @@ class OKDMethod(nn.Module):
         params = [p for p in self.parameters() if p.requires_grad]
         return [{"params": params}] if params else []
 
-    def forward(self, output: PeerOutput, labels: Tensor, indices: Tensor) -> dict[str, Tensor]:
+    def forward(self, output: PeerOutput, labels: Tensor, indices: Tensor | None) -> dict[str, Tensor]:
         raise NotImplementedError
 
     def extra_repr(self) -> str:
@@ -145,6 +150,14 @@ def register_method(name: str) -> Callable[[type[OKDMethod]], type[OKDMethod]]:
         return METHODS.register(name)(cls)
 
     return decorator
+
+
+def reference_layout(method: OKDMethod) -> PeerLayout:
+    """How ``method``'s reference shares layers between peers: the config's ``model.layout`` (conf/train.yaml),
+    so that ``instantiate(cfg.model)`` builds the network ``python -m mcl_lightning.train`` trains."""
+    if not isinstance(method, OKDMethod):
+        raise TypeError(f"reference_layout needs an OKDMethod instance, got {type(method).__name__}")
+    return method.reference_layout
 
 
 def list_methods() -> list[str]:

@@ -66,6 +66,7 @@ class MCLOKD(OKDMethod):
 
     min_peers = 2
     needs_train_labels = True  # class-aware negatives and one bank row per training sample
+    needs_indices = True  # the rows are addressed by dataset index
 
     def __init__(
         self,

@@ -15,7 +15,12 @@ denominator over every c != b (the same-instance column excluded, also across ne
       + gamma  * sum_{i != j} T^2 KL(softmax(s^{jj}/T), det. || softmax(s^{ii}/T))   soft_vcl
       + beta   * sum_{i != j} SupCon(s^{ij})                      icl       (across each ordered pair)
       + lam    * sum_{i != j} T^2 KL(softmax(s^{ji}/T), det. || softmax(s^{ij}/T))   soft_icl
-      [ + T^2 KL(softmax(mean_i f_i / T), det. || softmax(f_k / T)) for k in {0, 1} if N = 2 else {N-1} ]  logit_kd
+      [ + sum_k T^2 KL(softmax(mean_i f_i / T) || softmax(f_k / T)) ]                 logit_kd
+
+logit_kd (``logit_distill``): students k in {0, 1} if N = 2 else {N-1} (``logit_kd_students=pair_or_last``,
+main_cifar.py:165-169) or k = N-1 for every N (``last``, main_imagenet.py:153); the teacher is detached
+(``logit_kd_detach_teacher``, main_cifar.py:162) or, as main_imagenet.py:145-150, passes the KL's gradient
+into every network through the mean.
 
 KL rows are whole rows of s (the reference does not mask them), batch mean; T = kd_temperature.
 """
@@ -33,9 +38,10 @@ from mcl_lightning.methods.losses import cross_entropy_per_peer, distill_kl, row
 from mcl_lightning.methods.mutual_cl_bank import BankContrast, check_bank_options
 from mcl_lightning.models.contract import PeerLayout, PeerOutput, PeerSpec
 from mcl_lightning.core.registry import check_choice
-from mcl_lightning.methods.options import check_kd_options, check_positive, check_projection_dim
+from mcl_lightning.methods.options import check_flags, check_kd_options, check_positive, check_projection_dim
 
 CONTRAST_MODES = ("batch", "bank")
+LOGIT_KD_STUDENTS = ("pair_or_last", "last")  # main_cifar.py:165-169, main_imagenet.py:153
 
 
 class ProjectionMLP(nn.Module):
@@ -87,8 +93,12 @@ class MutualCL(OKDMethod):
         kd_temperature: T of soft VCL / soft ICL and of the logit distillation (reference kd_T: 3).
         alpha, gamma, beta, lam: weights of VCL, soft VCL, ICL and soft ICL (reference scripts:
             0.1, 1, 0.1, 1).
-        logit_distill: add the reference's ``--logit-distill`` term (weight 1; both peers when
-            N = 2, else the last peer; teacher = detached mean of all peers' logits).
+        logit_distill: add the reference's ``--logit-distill`` term (weight 1, T = kd_temperature,
+            teacher = mean of all peers' logits).
+        logit_kd_students: which peers ``logit_kd`` distils: ``pair_or_last`` (both when N = 2, else
+            the last: ``main_cifar.py:165-169``) or ``last`` (the last for every N: ``main_imagenet.py:153``).
+        logit_kd_detach_teacher: detach the teacher (``main_cifar.py:162``); false lets the KL's gradient
+            reach every peer through the mean, as ``main_imagenet.py:145-153``.
         layout_peers: the N the entry point builds the peers for (the config passes ``${peers}``).
             The reference trains N = 2 as two independent networks and other N as branches of one
             network sharing stem and first stage; ``reference_layout`` follows it (``None``: shared).
@@ -111,6 +121,8 @@ class MutualCL(OKDMethod):
         beta: float = 0.1,
         lam: float = 1.0,
         logit_distill: bool = False,
+        logit_kd_students: str = "pair_or_last",
+        logit_kd_detach_teacher: bool = True,
         layout_peers: int | Sequence[str] | None = None,
         contrast: str = "batch",
         pos_k: int = 1,
@@ -119,18 +131,22 @@ class MutualCL(OKDMethod):
     ) -> None:
         super().__init__()
         check_choice("method.contrast", contrast, CONTRAST_MODES)
+        check_choice("method.logit_kd_students", logit_kd_students, LOGIT_KD_STUDENTS)
+        check_flags(logit_distill=logit_distill, logit_kd_detach_teacher=logit_kd_detach_teacher)
         check_bank_options(pos_k, neg_k, bank_momentum)
         check_positive(tau=tau)
         check_kd_options(kd_temperature, alpha=alpha, gamma=gamma, beta=beta, lam=lam)
         check_projection_dim(projection_dim)
         self.projection_dim, self.tau, self.kd_temperature = projection_dim, tau, kd_temperature
         self.alpha, self.gamma, self.beta, self.lam = alpha, gamma, beta, lam
-        self.logit_distill = bool(logit_distill)
+        self.logit_distill, self.logit_kd_students = logit_distill, logit_kd_students
+        self.logit_kd_detach_teacher = logit_kd_detach_teacher
         if layout_peers is not None and not isinstance(layout_peers, int):
             layout_peers = len(list(layout_peers))  # backbone names: one peer per name
         self.layout_peers = layout_peers
         self.contrast, self.pos_k, self.neg_k, self.bank_momentum = contrast, pos_k, neg_k, bank_momentum
         self.needs_train_labels = contrast == "bank"  # one bank row per training sample, class-aware draws
+        self.needs_indices = contrast == "bank"
 
     @property
     def reference_layout(self) -> PeerLayout:  # winycg/MCL models: *_n for N = 2, *_b otherwise
@@ -174,9 +190,13 @@ class MutualCL(OKDMethod):
             }
 
     def logit_kd(self, logits: Tensor) -> Tensor:
-        """T^2 KL from the detached mean of the peers' logits: both peers if N = 2, else the last."""
-        teacher = logits.detach().mean(0)
-        students = logits if logits.shape[0] == 2 else logits[-1]
+        """T^2 KL from the mean of the peers' logits into the students (``logit_kd_students``); the
+        mean is detached unless ``logit_kd_detach_teacher`` is false."""
+        teacher = logits.mean(0)
+        if self.logit_kd_detach_teacher:
+            teacher = teacher.detach()
+        both = self.logit_kd_students == "pair_or_last" and logits.shape[0] == 2
+        students = logits if both else logits[-1]
         with float32_region(logits.device):
             return distill_kl(students, teacher, self.kd_temperature)
 

@@ -38,3 +38,10 @@ def check_momentum(bank_momentum: float) -> None:
     """A memory bank's update momentum, in [0, 1)."""
     if not 0.0 <= bank_momentum < 1.0:
         raise ConfigError(f"method.bank_momentum must be in [0, 1), got {bank_momentum}")
+
+
+def check_flags(**flags: object) -> None:
+    """On/off options: true or false only (``bool("false")`` is True, so a string must not pass)."""
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise ConfigError(f"method.{name} must be true or false, got {value!r}")

@@ -82,6 +82,8 @@ def _fuse(modules: Sequence[nn.Module], where: str) -> nn.Module:
     if isinstance(first, _PER_CHANNEL):
         return copy.deepcopy(first)
     if kind is nn.Sequential:
+        if len({len(m) for m in modules}) != 1:  # e.g. resnet8 and resnet20: stages of different depths
+            raise ConfigError(f"perf.fuse_peers needs peers of one architecture; their depths differ at {where or 'the top'}")
         return nn.Sequential(*(_fuse([m[i] for m in modules], f"{where}.{i}") for i in range(len(first))))
     if kind in _BLOCKS:
         block = copy.deepcopy(first)

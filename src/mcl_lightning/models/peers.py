@@ -114,8 +114,8 @@ class PeerNetwork(nn.Module):
 
     def spec(self) -> PeerSpec:
         """What methods may know of this network (see ``OKDMethod.attach``)."""
-        probe = self.classifiers[0]
-        num_classes = getattr(probe, "out_features", None)
+        linears = _linears(self.classifiers[0])  # a Linear, or a head (Sequential) whose last Linear gives them
+        num_classes = linears[-1].out_features if linears else None
         if num_classes is None:
             num_classes = self._backbone_spec["num_classes"] if self._backbone_spec else -1
         names = tuple(self._backbone_spec["backbones"]) if self._backbone_spec else None
@@ -226,24 +226,30 @@ class PeerNetwork(nn.Module):
     def from_modules(cls, modules: Sequence[nn.Module], classifier: str = "fc") -> "PeerNetwork":
         """Adapter for your own networks (independent topology; they may differ).
 
-        Each module must hold its final linear layer as the attribute named ``classifier`` (``fc``
-        for torchvision ResNets); everything before it must produce pooled features (B, C). The
-        modules are deep-copied and split into feature extractor + classifier; ``export_peer``
-        puts them back together.
+        Each module must hold its classifier as the attribute named ``classifier`` (``fc`` for
+        torchvision ResNets, ``classifier`` for MobileNets): a linear layer, or a head such as an
+        ``nn.Sequential`` whose first ``nn.Linear`` takes the features and whose last gives the classes.
+        Everything before it must produce pooled features (B, C). The modules are deep-copied and split
+        into feature extractor + classifier; ``export_peer`` puts them back together.
         """
         branches, heads = [], []
         for module in modules:
-            if not isinstance(getattr(module, classifier, None), nn.Module):
+            head = getattr(module, classifier, None)
+            if not isinstance(head, nn.Module):
                 raise ConfigError(
                     f"{type(module).__name__} has no sub-module {classifier!r}; pass "
-                    "classifier='<name of its final linear layer>'"
+                    "classifier='<name of its final linear layer or classifier head>'"
                 )
+            if not _linears(head):
+                raise ConfigError(
+                    f"{type(module).__name__}.{classifier} ({type(head).__name__}) holds no nn.Linear, so the number "
+                    "of classes is unknown; pass classifier='<the attribute whose last nn.Linear gives the classes>', "
+                    "or build PeerNetwork(branches, classifiers) yourself and give OKDSystem num_classes=")
             module = copy.deepcopy(module)
             heads.append(getattr(module, classifier))
             setattr(module, classifier, nn.Identity())
             branches.append(module)
-        feature_dims = [getattr(head, "in_features", None) for head in heads]
-        peers = cls(branches, heads, feature_dims=None if None in feature_dims else feature_dims)
+        peers = cls(branches, heads, feature_dims=[_linears(head)[0].in_features for head in heads])
         peers._classifier_attr = classifier
         return peers
 
@@ -328,6 +334,11 @@ def build_peers(
     if not names:
         raise ConfigError("peers=[] names no backbone; give N (peers=4) or backbone names (peers=[resnet32,wrn_16_2])")
     return PeerNetwork.from_backbone(names, len(names), topology, num_classes, branch_point, layout, pretrained)
+
+
+def _linears(module: nn.Module) -> list[nn.Linear]:
+    """The linear layers of a classifier (itself, or those of a head), in order."""
+    return [m for m in module.modules() if isinstance(m, nn.Linear)]
 
 
 @torch.no_grad()

@@ -13,10 +13,10 @@ from mcl_lightning.models import PeerNetwork
 
 
 def build_network(cfg: DictConfig) -> tuple[PeerNetwork, OKDMethod]:
-    """The method (options only), then the peers with its reference layout unless ``topology=`` /
-    ``backbone.branch_point=`` say otherwise, then the method attached to them (checks first)."""
+    """The method (options only), then the peers exactly as the config's ``model`` says (its ``layout``:
+    the method's reference layout), then the method attached to them (checks first)."""
     method = instantiate(cfg.method)
-    peers = instantiate(cfg.model, layout=method.reference_layout)
+    peers = instantiate(cfg.model)
     method.attach(peers.spec())
     return peers, method
 

@@ -11,9 +11,15 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from mcl_lightning.core.errors import ConfigError
+
+HEARTBEAT_S = 30.0
+
+
+class StudyFailed(RuntimeError):
+    """A probe or the study's multirun failed (not a configuration mistake): exit status 1 with its log."""
 
 
 def override_key(override: str) -> str:
@@ -50,23 +56,31 @@ def require_launcher() -> None:
 
 
 def multirun(out: Path, log: Path, concurrency: int, sweep: list[str], overrides: list[str],
-             heartbeat: str, expected: int) -> int:
+             heartbeat: str, expected: int, on_progress: Callable[[], None] | None = None) -> int:
     """One Hydra multirun of ``mcl_lightning.train`` on the joblib launcher; output to ``log``,
-    a progress line every 30 s. Returns the exit status."""
+    a progress line every 30 s, ``on_progress`` called whenever another job has written its
+    results.json. Returns the exit status."""
     command = [sys.executable, "-m", "mcl_lightning.train", "-m", "hydra/launcher=joblib",
                f"hydra.launcher.n_jobs={concurrency}", f"hydra.sweep.dir={out}", *sweep, *overrides]
     log.parent.mkdir(parents=True, exist_ok=True)
-    start = time.monotonic()
+    start = last_beat = time.monotonic()
+    seen = 0
     with log.open("w") as stream:
         stream.write(" ".join(command) + "\n")
         stream.flush()
         proc = subprocess.Popen(command, stdout=stream, stderr=subprocess.STDOUT)
         while proc.poll() is None:
             try:
-                proc.wait(timeout=30)
+                proc.wait(timeout=2)
             except subprocess.TimeoutExpired:
-                done = len(list(out.glob("*/results.json")))
-                print(f"{heartbeat}: {done}/{expected} runs finished, {time.monotonic() - start:.0f} s", flush=True)
+                pass
+            done = len(list(out.glob("*/results.json")))
+            if done != seen and on_progress is not None:
+                seen = done
+                on_progress()
+            if time.monotonic() - last_beat >= HEARTBEAT_S and proc.poll() is None:
+                last_beat = time.monotonic()
+                print(f"{heartbeat}: {done}/{expected} runs finished, {last_beat - start:.0f} s", flush=True)
     return proc.returncode
 
 

@@ -5,7 +5,7 @@
 
 | key | effect | same results as without? |
 | --- | --- | --- |
-| ``fuse_peers`` | identical peers run as one grouped network (``models/fused.py``) | yes, up to float rounding (tests) |
+| ``fuse_peers`` | identical peers run as one grouped network (``models/fused.py``); ``auto``: when they can be (else the loop, logged) | yes, up to float rounding (tests) |
 | ``channels_last`` | peers' weights and input in NHWC (cuDNN's fast layout, above all with bf16) | yes, up to float rounding |
 | ``compile`` | ``torch.compile`` of the peers: ``false``, ``true``/``default``, ``reduce-overhead`` (CUDA graphs: needs static shapes, so ``data.drop_last=true``), ``max-autotune``... | yes, up to float rounding |
 | ``compile_backend`` | ``inductor`` (default), or ``aot_eager`` / ``eager`` (debugging; what CPU tests use) | |
@@ -17,6 +17,7 @@ the contrastive term stays float32) are set by ``perf=gpu_fast`` too; see conf/p
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
@@ -29,13 +30,16 @@ from mcl_lightning.models.fused import FusedPeerNetwork
 from mcl_lightning.models.peers import PeerNetwork
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+FUSE_CHOICES = (False, True, "auto")
+
+log = logging.getLogger("mcl_lightning")
 
 
 @dataclass(frozen=True)
 class PerfOptions:
     """See the module docstring."""
 
-    fuse_peers: bool = False
+    fuse_peers: bool | str = False
     channels_last: bool = False
     compile: bool | str = False
     compile_backend: str = "inductor"
@@ -84,8 +88,15 @@ def apply_perf(
     """
     opts = PerfOptions.from_config(options)
     mode = opts.compile_mode  # validates
+    if opts.fuse_peers not in FUSE_CHOICES:
+        raise ConfigError(f"perf.fuse_peers={opts.fuse_peers!r}: choose false, true or auto")
     if opts.fuse_peers and not isinstance(peers, FusedPeerNetwork):
-        peers = FusedPeerNetwork.from_peers(peers)
+        try:
+            peers = FusedPeerNetwork.from_peers(peers)
+        except ConfigError as error:  # auto: what cannot be fused (CL-ILR's pair stage, mixed backbones) loops
+            if opts.fuse_peers != "auto":
+                raise
+            log.info("perf.fuse_peers=auto: the peers run one by one (%s)", error)
     if opts.channels_last:
         peers.to(memory_format=torch.channels_last)
         peers.register_forward_pre_hook(_channels_last_input)

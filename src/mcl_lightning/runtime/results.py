@@ -75,6 +75,15 @@ def machine(trainer: Any) -> dict[str, Any]:
     return info
 
 
+def max_time_stopped(trainer: Any) -> bool:
+    """Whether ``trainer.max_time`` (Lightning's Timer) stopped this run's training."""
+    from lightning.pytorch.callbacks import Timer
+
+    timer = next((c for c in getattr(trainer, "callbacks", []) if isinstance(c, Timer)), None)
+    remaining = timer.time_remaining("train") if timer is not None else None
+    return remaining is not None and remaining <= 0
+
+
 def run_results(cfg: Any, system: Any, trainer: Any, datamodule: Any, callbacks: dict[str, Any],
                 error: Exception | None = None, wall_time_s: float | None = None) -> dict[str, Any]:
     """The results.json of a run (``status`` "finished", or "failed" with ``failure`` recorded).
@@ -110,6 +119,10 @@ def run_results(cfg: Any, system: Any, trainer: Any, datamodule: Any, callbacks:
         "checkpoints": {"last": last, "best": callbacks["best"].best_model_path or None},
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
+    if max_time_stopped(trainer):  # a study's time cap (trainer.max_time) ended training before max_epochs
+        results["stopped_by"] = "trainer.max_time"
+    if "probe_window" in callbacks:
+        results["probe_window"] = callbacks["probe_window"].summary()
     if error is not None:
         details = getattr(error, "failure", None) or getattr(callbacks.get("guard"), "failure", None) or {}
         results["failure"] = {**details, "message": str(error)}

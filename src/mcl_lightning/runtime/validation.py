@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from hydra.core.global_hydra import GlobalHydra
 from hydra.experimental.callback import Callback
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
@@ -25,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from mcl_lightning.runtime.build import build_network, data_options, schedule_options
 from mcl_lightning.runtime.checkpointing import newest_checkpoint, read_checkpoint, resolve_ckpt_path
 from mcl_lightning.runtime.ddp import check_timeout_s
+from mcl_lightning.runtime.overrides import check_group_options, check_sweep
 from mcl_lightning.core.errors import ConfigError, UserError
 from mcl_lightning.core.outputs import check_no_file_in_the_way
 from mcl_lightning.runtime.tracking import check_loggers
@@ -37,7 +39,9 @@ TRAINER_NUMBERS = ("max_epochs", "min_epochs", "max_steps", "min_steps", "limit_
 
 
 def check_config(cfg: DictConfig) -> None:
-    """Checks no constructor makes: the peers' form, checkpointing, the data folder, batch vs devices."""
+    """Checks no constructor makes: every group's option names, the peers' form, checkpointing, the data
+    folder, batch vs devices."""
+    check_group_options(cfg)  # +method.nce=64 is a typo of nce_k, not a new option
     peers = cfg.peers
     if isinstance(peers, bool) or not isinstance(peers, (int, list)) and not OmegaConf.is_list(peers):
         raise ConfigError(f"peers must be a number of peers (peers=4) or a list of backbone names "
@@ -226,7 +230,7 @@ def user_error(error: BaseException) -> Exception | None:
                 and "full_key: trainer" in str(error):  # Lightning refusing a value (trainer.precision=17)
             return ConfigError(f"trainer: {' '.join(str(error.__cause__).split())}")
         if isinstance(error, InstantiationException) and isinstance(error.__cause__, TypeError):
-            return ConfigError(f"{' '.join(str(error).split())} (check the option names, e.g. +method.<name>=)")
+            return ConfigError(f"{' '.join(str(error).split())} (check the option names)")
         seen.add(id(error))
         error = error.__cause__ or error.__context__
     return None
@@ -252,9 +256,13 @@ class EarlyChecks(Callback):
 
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        # The jobs' own options are checked by each job (train.run); here the search's data and the sweep directory.
+        # Every job's overrides and option names here (train.run checks the rest per job), the search's data,
+        # and the sweep directory.
         try:
             check_search_selects_on_holdout(config)
+            # every job composed and its groups checked now, each failing job named (Hydra names none)
+            loader = GlobalHydra.instance().config_loader()
+            check_sweep(config, lambda overrides: loader.load_sweep_config(config, overrides))
         except ConfigError as error:
             print(f"error: {error}", file=sys.stderr)
             sys.exit(2)

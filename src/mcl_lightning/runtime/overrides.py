@@ -1,0 +1,211 @@
+"""Typos on the command line answered in one line: what the option, group or recipe really is.
+
+- ``trainer.<name>=`` takes any argument of Lightning's ``Trainer`` (``accept_trainer_args`` turns one
+  that ``conf/trainer/`` does not list into Hydra's ``++trainer.<name>=``, add or override);
+- an unknown option of the method, backbone, data, perf or trainer group (``method.nce=64``, or
+  ``+method.nce=64``) lists that group's real options with the closest one (``check_group_options``);
+  Hydra's own "Could not override" error is answered by composing once more with the option added
+  and running the same check (``explain_composition``);
+- an unknown experiment (or other group option) names the closest recipes (``missing_config_message``);
+- a multirun checks every job's overrides before any job runs and names each job that fails
+  (``check_sweep``, from the ``EarlyChecks`` Hydra callback).
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import re
+from dataclasses import fields
+from importlib import resources
+from typing import Any, Callable, Sequence
+
+import lightning
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import MissingConfigException
+from hydra.utils import get_class
+from omegaconf import DictConfig, OmegaConf
+
+from mcl_lightning.core.errors import ConfigError
+from mcl_lightning.runtime.perf import PerfOptions
+
+# What conf/train.yaml's `model` reads of the backbone group (the rest of a backbone is its registry name).
+BACKBONE_OPTIONS = ("name", "branch_point", "library", "pretrained")
+CHECKED_GROUPS = ("method", "backbone", "data", "perf", "trainer")
+
+
+def accept_trainer_args(args: Sequence[str]) -> list[str]:
+    """``trainer.<Trainer argument>=v`` as ``++trainer.<name>=v`` where conf/trainer/default.yaml does not
+    list it (the listed ones stay plain overrides, as a sweep report reads them)."""
+    listed = OmegaConf.create((resources.files("mcl_lightning.conf") / "trainer" / "default.yaml").read_text())
+    unlisted = set(inspect.signature(lightning.Trainer).parameters) - set(listed)
+
+    def accepted(arg: str) -> str:
+        match = re.fullmatch(r"trainer\.(\w+)=.*", arg, re.S)
+        return f"++{arg}" if match and match.group(1) in unlisted else arg
+
+    return [accepted(arg) for arg in args]
+
+
+# -- options of a group -----------------------------------------------------------------------------
+def group_options(cfg: DictConfig, group: str) -> tuple[list[str], str] | None:
+    """(the options ``group`` takes, what they belong to), or None when anything goes (``**kwargs``)."""
+    if group == "backbone":
+        return list(BACKBONE_OPTIONS), "the backbone group"
+    if group == "perf":
+        return [f.name for f in fields(PerfOptions)], "perf"
+    target = cfg[group].get("_target_")
+    if not target:
+        return None
+    try:
+        cls = get_class(str(target))
+    except Exception:  # a target that does not import: instantiating it says so
+        return None
+    params = inspect.signature(cls).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return None
+    return [name for name in params if name != "self"], cls.__name__
+
+
+def check_group_options(cfg: DictConfig) -> None:
+    """Every key of the method, backbone, data, perf and trainer groups is an option of that group."""
+    for group in CHECKED_GROUPS:
+        node = cfg.get(group)
+        if not OmegaConf.is_dict(node):
+            continue
+        known = group_options(cfg, group)
+        if known is None:
+            continue
+        options, owner = known
+        unknown = [key for key in node if key != "_target_" and key not in options]
+        if unknown:
+            raise unknown_option(group, str(unknown[0]), options, owner)
+
+
+def unknown_option(group: str, key: str, options: Sequence[str], owner: str) -> ConfigError:
+    close = difflib.get_close_matches(key, options, n=1, cutoff=0.5)
+    guess = f"did you mean {group}.{close[0]}? " if close else ""
+    shown = options if group != "trainer" else sorted(options)
+    return ConfigError(f"unknown option {group}.{key} ({owner} has no option {key!r}); {guess}"
+                       f"{group}'s options: {', '.join(shown) or 'none'}")
+
+
+# -- Hydra's own errors ---------------------------------------------------------------------------
+def explain_composition(error: Exception, overrides: Sequence[str],
+                        compose: Callable[[list[str]], DictConfig]) -> ConfigError | None:
+    """Hydra's "Could not override 'method.nce'" as the group's options: compose again with the override
+    added (``+method.nce=...``; each unknown one in turn) and check the groups; None where that does not
+    explain it."""
+    forced = list(overrides)
+    for _ in range(len(forced)):
+        match = re.search(r"Could not override '([^']+)'", str(error))
+        if match is None:
+            return None
+        key = match.group(1)
+        if not any(o.split("=")[0] == key for o in forced):
+            return None
+        forced = [f"+{o}" if o.split("=")[0] == key else o for o in forced]
+        try:
+            check_group_options(compose(forced))
+            return None
+        except ConfigError as found:
+            return found
+        except Exception as again:  # another unknown option: add it too
+            error = again
+    return None
+
+
+def missing_config_message(error: MissingConfigException) -> str:
+    """An unknown group option (``backbone=resnet99``, ``experiment=cifar100/mcl_okd_resnet33``): the
+    choices, or for experiments the closest recipes."""
+    missing = error.missing_cfg_file or ""
+    group, _, value = missing.partition("/")
+    if not group or not (error.options or group == "experiment"):
+        return " ".join(str(error).split())
+    choices = recipes() if group == "experiment" else list(error.options or [])
+    close = difflib.get_close_matches(value, choices, n=5, cutoff=0.6)
+    if group == "experiment":
+        shown = (f"the closest: {', '.join(close)}" if close else
+                 f"choose one of the {len(choices)} recipes: {', '.join(choices)}")
+        return f"unknown experiment {value!r}; {shown} (as experiment=<name>; conf/experiment/, docs/reproduction.md)"
+    guess = f"did you mean {close[0]}? " if close else ""
+    return f"unknown {group} {value!r}; {guess}choose one of: {', '.join(choices)} (as {group}=<name>)"
+
+
+def recipes() -> list[str]:
+    """Every experiment recipe shipped in conf/experiment/, as ``experiment=`` names them."""
+    root = resources.files("mcl_lightning.conf") / "experiment"
+    names: list[str] = []
+
+    def walk(folder: Any, prefix: str) -> None:
+        for entry in folder.iterdir():
+            if entry.is_dir():
+                walk(entry, f"{prefix}{entry.name}/")
+            elif entry.name.endswith(".yaml"):
+                names.append(prefix + entry.name[: -len(".yaml")])
+
+    walk(root, "")
+    return sorted(names)
+
+
+# -- a multirun -----------------------------------------------------------------------------------
+def expand(arguments: Sequence[str]) -> list[list[str]]:
+    """Each job's overrides, as Hydra's basic sweeper launches them, from the sweep's arguments."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
+    batches = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(list(arguments)), None)
+    return [list(job) for batch in batches for job in batch]
+
+
+def check_sweep(config: DictConfig, load: Callable[[list[str]], DictConfig]) -> None:
+    """Compose every job of a basic-sweeper multirun (``load``: its overrides -> its config) and check its
+    groups: one ConfigError naming each job that cannot start, before any job runs."""
+    sweeper = str(OmegaConf.select(config, "hydra.sweeper._target_", default="") or "")
+    if not sweeper.endswith("BasicSweeper"):
+        return  # another sweeper (Optuna) draws its jobs as it goes
+    params = OmegaConf.select(config, "hydra.sweeper.params", default=None) or {}
+    try:
+        jobs = expand([f"{k}={v}" for k, v in params.items()] + list(config.hydra.overrides.task))
+    except Exception:  # what the sweeper cannot expand either: its own error follows
+        return
+    if len(jobs) > 1:  # one job: its own error line is clear already
+        check_jobs(jobs, load)
+
+
+def check_jobs(jobs: Sequence[list[str]], load: Callable[[list[str]], DictConfig]) -> None:
+    """Each job (named by its number and the swept values that set it apart) composed and checked."""
+    common = set.intersection(*(set(job) for job in jobs)) if len(jobs) > 1 else set()
+    failures = []
+    for number, job in enumerate(jobs):
+        try:
+            check_group_options(load(job))
+            continue
+        except ConfigError as error:
+            message = str(error)
+        except MissingConfigException as error:
+            message = missing_config_message(error)
+        except Exception as error:
+            message = str(explain_composition(error, job, load) or " ".join(str(error).split()))
+        failures.append(f"job {number} ({' '.join(o for o in job if o not in common) or ' '.join(job)}): {message}")
+    if failures:
+        raise ConfigError(f"{len(failures)} of {len(jobs)} jobs of this multirun cannot start, so none was run: "
+                          + "; ".join(failures))
+
+
+def explain_sweep(error: Exception, arguments: Sequence[str],
+                  compose: Callable[[list[str]], DictConfig]) -> ConfigError | None:
+    """A multirun Hydra refused before any job (it composes the sweep's base config, without the swept
+    values, first): the jobs that fail, each named, or, when every job takes the override, the fix."""
+    try:
+        check_jobs(expand(arguments), compose)
+    except ConfigError as found:
+        return found
+    except Exception:
+        return None
+    match = re.search(r"Could not override '([^']+)'", str(error))
+    if match is None:
+        return None
+    override = next((a for a in arguments if a.split("=")[0] == match.group(1)), match.group(1))
+    return ConfigError(f"every job of this multirun takes {match.group(1)}, but Hydra first composes the sweep "
+                       f"without its swept values, where it is unknown; write it as ++{override} (set where "
+                       "the job has it, added where not)")
