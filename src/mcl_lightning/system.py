@@ -193,6 +193,7 @@ class OKDSystem(L.LightningModule):
         checkpoint["method_spec"] = method_spec(self.method)
         if self._trainer is not None:  # what mcl_lightning.evaluate needs to test it as it was trained
             checkpoint["precision"] = str(self.trainer.precision)
+            checkpoint["max_epochs"] = self.trainer.max_epochs  # the cosine period: a resume must keep it
             if self.trainer.datamodule is not None:
                 cls = type(self.trainer.datamodule)
                 checkpoint["datamodule_class"] = f"{cls.__module__}.{cls.__qualname__}"

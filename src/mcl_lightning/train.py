@@ -22,22 +22,24 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from mcl_lightning.runtime import overrides, validation
-from mcl_lightning.runtime.build import build_network, data_options
-from mcl_lightning.runtime.checkpointing import AtomicCheckpointIO, LastCheckpoint, remove_stale_temporaries, resolve_ckpt_path
-from mcl_lightning.core.errors import NonFiniteLossError
+from mcl_lightning.runtime import history, overrides, validation
+from mcl_lightning.runtime.build import build_network, data_options, schedule_options
+from mcl_lightning.runtime.checkpointing import (AtomicCheckpointIO, BestCheckpoint, LastCheckpoint,
+                                                 remove_stale_temporaries, resolve_ckpt_path)
+from mcl_lightning.core.errors import NoScoreError, NonFiniteLossError
 from mcl_lightning.runtime.guards import NonFiniteLossGuard
 from mcl_lightning.runtime.lost_rank import LostRankError, lost_rank_error
 from mcl_lightning.runtime.perf import apply_perf
 from mcl_lightning.runtime.probe_window import ProbeWindow
 from mcl_lightning.runtime.progress import LossTermsProgressBar
 from mcl_lightning.runtime.rank_stats import RankBatchNormStats
-from mcl_lightning.runtime.results import format_table, objective, run_results, write_results
+from mcl_lightning.runtime.runlog import RunLog
+from mcl_lightning.runtime.results import format_table, no_score_reason, objective, run_results, write_results
 from mcl_lightning.core.spec import method_spec
 from mcl_lightning.system import MONITOR, OKDSystem
 from mcl_lightning.runtime.throughput import TrainThroughput
@@ -49,9 +51,11 @@ log = logging.getLogger("mcl_lightning")
 def build(cfg: DictConfig, run_dir: Path, ckpt_path: Path | None) -> tuple[Any, OKDSystem, L.Trainer, dict]:
     """Peers and method (checked against ``ckpt_path``), then data, system, trainer and callbacks."""
     peers, method = build_network(cfg)  # before the data: a config mistake costs no loading time
+    meta = None
     if ckpt_path is not None:
         meta = validation.load_checkpoint_meta(ckpt_path)
-        diffs = validation.checkpoint_differences(meta, peers.build_spec, method_spec(method), data_options(cfg))
+        diffs = validation.checkpoint_differences(meta, peers.build_spec, method_spec(method), data_options(cfg),
+                                                  schedule_options(cfg))
         if diffs:
             raise validation.incompatible(ckpt_path, diffs)
     peers, method = apply_perf(peers, method, cfg.get("perf"))  # speed switches (perf.*), maths unchanged
@@ -60,15 +64,18 @@ def build(cfg: DictConfig, run_dir: Path, ckpt_path: Path | None) -> tuple[Any, 
     # A resumed run keeps writing to the checkpoint's own folder: ModelCheckpoint restores its best
     # score only there, and "best" stays the best of the whole run.
     checkpoint_dir = ckpt_path.resolve().parent if ckpt_path else run_dir / "checkpoints"
-    loggers = build_loggers(cfg.get("logger"))  # logger= (conf/logger/): default CSV + TensorBoard
+    # logger= (conf/logger/): default CSV + TensorBoard; a resume continues the checkpoint's history
+    loggers = build_loggers(cfg.get("logger"), history.logger_overrides(meta))
+    history.restore_rows(loggers, meta)
     callbacks = {
         "guard": NonFiniteLossGuard(),  # runs before the checkpoint callbacks: a bad step is never saved
         "rank_stats": RankBatchNormStats(),  # DDP: each rank's BatchNorm statistics in the checkpoints
         **({"lr": LearningRateMonitor(logging_interval="epoch")} if loggers else {}),  # it needs a logger
-        "best": ModelCheckpoint(dirpath=checkpoint_dir, filename="best-epoch{epoch:03d}", auto_insert_metric_name=False,
-                                monitor=MONITOR, mode="max", enable_version_counter=False),
+        "best": BestCheckpoint(dirpath=checkpoint_dir, filename="best-epoch{epoch:03d}", auto_insert_metric_name=False,
+                               monitor=MONITOR, mode="max", enable_version_counter=False),
         "last": LastCheckpoint(checkpoint_dir, cfg.checkpoint.every_n_steps),  # after "best": its state included
         "throughput": TrainThroughput(),  # results.json's training images/s (the study planner reads it)
+        "history": history.RunHistory(),  # the logged rows, tracker runs and epoch's running means in checkpoints
     }
     if cfg.get("probe_window"):  # a study's concurrency probe (mcl_lightning.reproduce) times this job with the others
         callbacks["probe_window"] = ProbeWindow(**OmegaConf.to_container(cfg.probe_window, resolve=True))
@@ -151,10 +158,26 @@ def plot_curves(run_dir: Path) -> Path | None:
         return None
 
 
+def search_score(cfg: DictConfig, results: dict[str, Any]) -> float:
+    """The objective a sweeper optimises. An Optuna trial without one fails with the reason (Optuna
+    cannot record NaN as a result, and its sweeper would stop the whole search)."""
+    score = objective(results)
+    hydra_cfg = HydraConfig.get()
+    if score != score and hydra_cfg.mode == RunMode.MULTIRUN and "optuna" in str(hydra_cfg.sweeper.get("_target_", "")):
+        raise NoScoreError(no_score_reason(cfg))
+    return score
+
+
 @hydra.main(version_base="1.3", config_path="pkg://mcl_lightning.conf", config_name="train")
 def _hydra_main(cfg: DictConfig) -> float:
+    hydra_cfg = HydraConfig.get()  # everything the job prints also goes to the run's train.log
+    with RunLog(Path(hydra_cfg.runtime.output_dir) / f"{hydra_cfg.job.name}.log"):
+        return _job(cfg)
+
+
+def _job(cfg: DictConfig) -> float:
     try:
-        return objective(run(cfg))
+        return search_score(cfg, run(cfg))
     except SIGTERMException as stop:  # pre-empted: the checkpoint is written, the relaunch resumes it
         where = f" at epoch {stop.epoch}, step {stop.step}; checkpoint {stop.checkpoint}" if hasattr(stop, "step") else ""
         print(f"stopped by SIGTERM{where}. Relaunch the same command with ckpt_path=last to continue.", file=sys.stderr)
@@ -167,7 +190,7 @@ def _hydra_main(cfg: DictConfig) -> float:
         if user_error is None:
             raise
         print(f"error: {user_error}", file=sys.stderr)
-        if isinstance(error, NonFiniteLossError) and HydraConfig.get().mode == RunMode.MULTIRUN:
+        if isinstance(error, (NonFiniteLossError, NoScoreError)) and HydraConfig.get().mode == RunMode.MULTIRUN:
             raise  # a failed job: a sweeper with a failure budget (hydra.sweeper.max_failure_rate) goes on
         sys.exit(2)
 
@@ -186,7 +209,13 @@ def main() -> None:
             sys.exit(2)
         print(f"error: {overrides.missing_config_message(error)}", file=sys.stderr)
         sys.exit(2)
-    except NonFiniteLossError:  # a sweep stopped by a diverging job, whose line is printed already
+    except (NonFiniteLossError, NoScoreError):  # a sweep stopped by a failed job, whose line is printed already
+        sys.exit(2)
+    except ValueError as error:  # Optuna at the end of a search whose every trial failed (each printed its line)
+        if "No trials are completed" not in str(error):
+            raise
+        print("error: no trial of the search finished with a score (each failed trial printed its reason above)",
+              file=sys.stderr)
         sys.exit(2)
     except (ConfigCompositionException, OverrideParseException) as error:
         args = [a for a in sys.argv[1:] if not a.startswith("-")]

@@ -26,6 +26,11 @@ class NonFiniteLossError(UserError, FloatingPointError):
     """A loss term became NaN or infinite: training stopped before writing that state anywhere."""
 
 
+class NoScoreError(UserError, RuntimeError):
+    """A search trial without a validation score (it stopped before its first validation): the
+    sweeper records it as failed, with this message, and goes on to its other trials."""
+
+
 def one_line(error: BaseException, limit: int = 160) -> str:
     """``error`` as ``Type: message`` on one line (parsers' messages span several), at most ``limit`` characters."""
     text = " ".join(f"{type(error).__name__}: {error}".split())

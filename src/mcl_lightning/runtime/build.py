@@ -24,3 +24,8 @@ def build_network(cfg: DictConfig) -> tuple[PeerNetwork, OKDMethod]:
 def data_options(cfg: DictConfig) -> dict[str, Any]:
     """The data module's options, resolved (what a checkpoint records and compares)."""
     return OmegaConf.to_container(cfg.data, resolve=True)
+
+
+def schedule_options(cfg: DictConfig) -> dict[str, Any]:
+    """The optimiser and schedule settings, resolved, with ``max_epochs`` (what a resume compares)."""
+    return {**OmegaConf.to_container(cfg.optim, resolve=True), "max_epochs": cfg.trainer.get("max_epochs")}

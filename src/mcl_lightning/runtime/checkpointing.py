@@ -2,6 +2,7 @@
 
 - ``AtomicCheckpointIO``: every checkpoint is written to a temporary file beside its target,
   flushed to disk, then renamed over it; a crash while writing leaves the previous file intact.
+- ``BestCheckpoint``: Lightning's ``ModelCheckpoint``, quiet (one line) in a run that never validated.
 - ``LastCheckpoint``: replaces ``<dir>/last.ckpt`` at the end of every epoch (after validation and
   after ModelCheckpoint's best), every N optimizer steps, and, when the process gets SIGTERM (what
   schedulers send before a kill), after the step in progress; then it stops the run with
@@ -27,7 +28,8 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Checkpoint
+from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -173,6 +175,24 @@ class LastCheckpoint(Checkpoint):
             self.save(trainer)
             self.saved_on_sigterm = True
         self._restore_handler()
+
+
+class BestCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` of a validation metric that, in a run stopped before its first validation
+    (``trainer.max_steps``, ``max_time``), says once that there is no best checkpoint yet and that
+    ``last.ckpt`` is the one kept, instead of Lightning's warning about a metric never logged."""
+
+    _noted = False
+
+    def _save_topk_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict[str, Any]) -> None:
+        if (self.monitor is not None and self.monitor not in monitor_candidates
+                and not trainer.fit_loop.epoch_loop.val_loop._has_run):
+            if not self._noted:
+                rank_zero_info(f"no validation has run yet, so no best checkpoint ({self.monitor}); "
+                               f"{LAST} is the checkpoint kept")
+                self._noted = True
+            return
+        super()._save_topk_checkpoint(trainer, monitor_candidates)
 
 
 # -- finding checkpoints ------------------------------------------------------------------------

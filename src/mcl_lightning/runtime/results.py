@@ -137,6 +137,17 @@ def objective(results: dict[str, Any]) -> float:
     return float(deployed.get("top1", math.nan))
 
 
+def no_score_reason(cfg: Any) -> str:
+    """Why a run has no validation score, naming the settings that can stop it first."""
+    trainer = cfg.trainer
+    limits = [f"trainer.{key}={trainer.get(key)}" for key, unset in (("max_steps", -1), ("max_time", None))
+              if trainer.get(key, unset) not in (unset, None)]
+    if trainer.get("limit_val_batches", 1.0) == 0:
+        limits.append("trainer.limit_val_batches=0")
+    return (f"no validation score: the run stopped before its first validation ({', '.join(limits) or 'stopped early'})"
+            "; give each trial at least one epoch")
+
+
 def backbone_name(peers: Any, cfg: Any) -> str:
     """The backbone's name, or ``a+b+c`` for heterogeneous peers."""
     spec = peers.build_spec
@@ -174,8 +185,9 @@ def write_results(path: str | Path, results: dict[str, Any]) -> Path:
 def format_table(results: dict[str, Any]) -> str:
     """A short text table: one row per peer, the peer mean and the ensemble (top-1/top-5, %)."""
     final, best, test = results.get("final", {}), results.get("best", {}), results.get("test", {})
-    peers = sorted((g for g in final if g.startswith("peer") and g[4:].isdigit()), key=lambda g: int(g[4:]))
-    rows = peers + [g for g in GROUPS_ORDER if g in final]
+    groups = {**test, **final}  # a run stopped before its first validation still has its test results
+    peers = sorted((g for g in groups if g.startswith("peer") and g[4:].isdigit()), key=lambda g: int(g[4:]))
+    rows = peers + [g for g in GROUPS_ORDER if g in groups]
 
     def pct(group: dict[str, dict[str, float]], name: str, metric: str) -> str:
         value = group.get(name, {}).get(metric)

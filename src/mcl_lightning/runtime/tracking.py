@@ -44,10 +44,12 @@ def check_loggers(logger_cfg: DictConfig | None) -> None:
                               f"(or choose another logger=, e.g. logger=default) [{type(error).__name__}: {error}]") from None
 
 
-def build_loggers(logger_cfg: DictConfig | None) -> list[Logger]:
-    """The configured Lightning loggers, in the order of the ``logger`` node."""
+def build_loggers(logger_cfg: DictConfig | None, overrides: dict[str, dict[str, Any]] | None = None) -> list[Logger]:
+    """The configured Lightning loggers, in the order of the ``logger`` node; ``overrides``: extra
+    constructor arguments by class name (a resumed run's tracker runs, ``history.logger_overrides``)."""
     check_loggers(logger_cfg)
-    return [instantiate(entry) for entry in logger_entries(logger_cfg).values()]
+    return [instantiate(entry, **(overrides or {}).get(str(entry._target_).rsplit(".", 1)[-1], {}))
+            for entry in logger_entries(logger_cfg).values()]
 
 
 def log_config(loggers: Iterable[Logger], config: dict[str, Any]) -> None:

@@ -23,7 +23,7 @@ from hydra.utils import instantiate
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
-from mcl_lightning.runtime.build import build_network, data_options
+from mcl_lightning.runtime.build import build_network, data_options, schedule_options
 from mcl_lightning.runtime.checkpointing import newest_checkpoint, read_checkpoint, resolve_ckpt_path
 from mcl_lightning.runtime.ddp import check_timeout_s
 from mcl_lightning.runtime.overrides import check_group_options, check_sweep
@@ -133,8 +133,8 @@ def load_checkpoint_meta(path: Path) -> dict[str, Any]:
 
 
 def checkpoint_differences(checkpoint: dict[str, Any], peers_spec: dict | None, method_spec: dict | None,
-                           data: dict[str, Any] | None = None) -> list[str]:
-    """What differs between a checkpoint and the network, method and data about to be trained."""
+                           data: dict[str, Any] | None = None, schedule: dict[str, Any] | None = None) -> list[str]:
+    """What differs between a checkpoint and the network, method, data and schedule about to be trained."""
     diffs: list[str] = []
     saved = checkpoint.get("peers_spec")
     if saved and peers_spec:
@@ -157,7 +157,34 @@ def checkpoint_differences(checkpoint: dict[str, Any], peers_spec: dict | None, 
     if data and mid_epoch(checkpoint) and saved_data.get("batch_size") not in (None, data.get("batch_size")):
         diffs.append(f"data.batch_size: checkpoint {saved_data['batch_size']}, now {data['batch_size']} (the "
                      "checkpoint stopped mid-epoch)")
+    return diffs + schedule_differences(checkpoint, schedule or {})
+
+
+# The optimiser restores its own lr, momentum and weight decay from a checkpoint and the scheduler its
+# own state: a different value in the config would be ignored, or (cosine's period) bend the schedule.
+SCHEDULE_KEYS = ("lr", "scheduler", "milestones", "lr_decay", "momentum", "weight_decay", "nesterov")
+
+
+def schedule_differences(checkpoint: dict[str, Any], schedule: dict[str, Any]) -> list[str]:
+    """Optimiser and schedule settings that differ from the checkpoint's; ``trainer.max_epochs`` too
+    when the schedule is cosine (its period). multistep and constant do not depend on max_epochs: a
+    resume may extend such a run."""
+    saved = checkpoint.get("hyper_parameters") or {}
+    diffs = []
+    for key in SCHEDULE_KEYS:
+        old, new = saved.get(key), schedule.get(key)
+        if key in saved and key in schedule and _listed(old) != _listed(new):
+            diffs.append(f"optim.{key}: checkpoint {_listed(old)}, now {_listed(new)}")
+    epochs = checkpoint.get("max_epochs")
+    if (saved.get("scheduler") == "cosine" and epochs is not None and schedule.get("max_epochs") is not None
+            and int(epochs) != int(schedule["max_epochs"])):
+        diffs.append(f"trainer.max_epochs: checkpoint {epochs}, now {schedule['max_epochs']} (optim.scheduler=cosine "
+                     f"spans trainer.max_epochs: another value bends the schedule; resume with trainer.max_epochs={epochs})")
     return diffs
+
+
+def _listed(value: Any) -> Any:
+    return list(value) if isinstance(value, (list, tuple)) or OmegaConf.is_list(value) else value
 
 
 def state_differences(saved: dict[str, torch.Tensor], current: dict[str, torch.Tensor]) -> list[str]:
@@ -272,6 +299,6 @@ def preflight(cfg: DictConfig, run_dir: Path | None) -> None:
         from mcl_lightning.core.spec import method_spec
 
         diffs = checkpoint_differences(load_checkpoint_meta(path), peers.build_spec, method_spec(method),
-                                       data_options(cfg))
+                                       data_options(cfg), schedule_options(cfg))
         if diffs:
             raise incompatible(path, diffs)
