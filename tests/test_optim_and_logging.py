@@ -129,3 +129,14 @@ def test_the_run_config_goes_into_the_csv_loggers_hparams(tmp_path):
     logger.save()
     hparams = yaml.safe_load(open(logger.log_dir + "/hparams.yaml"))
     assert hparams["config"]["peers"] == 4 and hparams["config"]["optim"]["lr"] == 0.1
+
+
+def test_the_python_guides_optimizer_example_builds_adamw_with_warmup():
+    from conftest import doc_block
+
+    namespace = {"OKDSystem": OKDSystem, "MCLOKD": MCLOKD, "peers": _peers()}
+    exec(doc_block("python-optimizer", "python"), namespace)
+    config = namespace["system"].configure_optimizers()
+    assert isinstance(config["optimizer"], torch.optim.AdamW)
+    assert [g["name"] for g in config["optimizer"].param_groups] == ["peers", "method"]
+    assert config["lr_scheduler"]["scheduler"].lr_lambdas[0](0) == pytest.approx(1 / 6)
