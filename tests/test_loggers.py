@@ -70,7 +70,7 @@ def test_mlflow_store_holds_the_csv_metrics_and_the_run_files(tracked_run):
     from mlflow.tracking import MlflowClient
 
     expected = csv_series(tracked_run / "run" / "csv" / "metrics.csv")
-    assert "train/loss/contrastive" in expected and "test/peer1/top1" in expected and "lr-SGD/pg1" in expected
+    assert "train/loss/contrastive" in expected and "test/peer1/top1" in expected and "lr-SGD/peers" in expected
     client = MlflowClient(f"sqlite:///{tracked_run / 'mlruns' / 'mlflow.db'}")
     (experiment,) = [e for e in client.search_experiments() if e.name == "mcl-lightning"]
     (run,) = client.search_runs([experiment.experiment_id])

@@ -132,11 +132,12 @@ def test_every_method_option_override_reaches_the_method():
 
 @pytest.mark.parametrize("scheduler", ["multistep", "constant"])
 def test_scheduler_options_compose_into_the_system(scheduler):
+    from mcl_lightning.runtime.optim import optim_options
     from mcl_lightning.system import OKDSystem
 
     cfg = _compose([f"optim.scheduler={scheduler}", "optim.lr=0.1", "peers=2", "backbone=resnet20"])
     peers, method = build_network(cfg)
-    system = OKDSystem(peers, method, num_classes=100, **OmegaConf.to_container(cfg.optim, resolve=True))
+    system = OKDSystem(peers, method, num_classes=100, **optim_options(cfg.optim))  # as train.build does
     config = system.configure_optimizers()
     assert config["optimizer"].param_groups[0]["lr"] == 0.1
     if scheduler == "multistep":

@@ -34,7 +34,9 @@ from mcl_lightning.sweep_report import optuna_sweeper, sweep_report
 IGNORED_KEYS = ("seed", "ckpt_path", "data.root", "data.num_workers", "data.download", "trainer.enable_progress_bar",
                 "trainer.logger", "trainer.callbacks", "trainer.log_every_n_steps", "reference", "logger")
 # Interpolated copies of the named columns: listing them as settings would repeat those columns.
-DERIVED_KEYS = ("model.peers", "model.backbone", "backbone.name", "model.topology")
+DERIVED_KEYS = ("model.peers", "model.backbone", "backbone.name", "model.topology",
+                *(f"optim.optimizer.{k}" for k in ("lr", "momentum", "weight_decay", "nesterov", "betas")),
+                *(f"optim.lr_scheduler.{k}" for k in ("kind", "max_epochs", "milestones", "gamma", "warmup_epochs")))
 GROUPS = (("deployed", "deployed peer"), ("peer_mean", "peer mean"), ("ensemble", "ensemble"))
 WHEN = (("final", "final"), ("best", "best"))
 

@@ -6,8 +6,9 @@ One training step, one way: batch -> peers(images) -> PeerOutput -> method(...) 
 
 from __future__ import annotations
 
-import math
+import os
 import random
+from functools import partial
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -21,13 +22,14 @@ from mcl_lightning.core.registry import check_choice
 from mcl_lightning.data.indexed import batch_images, split_batch
 from mcl_lightning.methods.base import OKDMethod
 from mcl_lightning.runtime.checkpointing import read_checkpoint
+from mcl_lightning.runtime.optim import (
+    SCHEDULES, OptimizerFactory, SchedulerFactory, check_sgd, epoch_schedule, lightning_schedule, reference_sgd)
 from mcl_lightning.runtime.metrics import PeerMetrics
 from mcl_lightning.models.contract import PeerOutput
 from mcl_lightning.models.peers import PeerNetwork
 from mcl_lightning.core.spec import build_method, method_spec
 from mcl_lightning.runtime.validation import state_differences
 
-SCHEDULERS = ("cosine", "multistep", "constant")
 MONITOR = "val/best_peer/top1"  # checkpoints select on the best peer's validation top-1
 
 
@@ -36,17 +38,24 @@ def _kind(value: Any) -> str:
 
 
 class OKDSystem(L.LightningModule):
-    """Trains ``peers`` with ``method`` using one SGD optimiser over the peers and the method.
+    """Trains ``peers`` with ``method``: one optimiser over the peers and the method's own parameters.
 
     Args:
         peers: the peer network (``PeerNetwork.from_backbone`` or ``PeerNetwork.from_modules``).
         method: an ``OKDMethod`` (options only: the system attaches it to ``peers``, which builds
             whatever it needs of the network, such as projection heads).
         num_classes: number of classes, for the metrics (default: the peers' classifier width).
-        lr, momentum, weight_decay, nesterov: SGD (reference: 0.05, 0.9, 5e-4, Nesterov; weight
-            decay on every parameter, BN and heads included, as the reference).
-        scheduler: ``cosine`` (per epoch, ``lr * 0.5 * (1 + cos(pi * e / max_epochs))``, the
-            reference's one-cycle SGDR), ``multistep`` (x ``lr_decay`` at ``milestones``) or ``constant``.
+        lr, momentum, weight_decay, nesterov: the default optimiser, the reference's SGD (0.05, 0.9, 5e-4,
+            Nesterov; weight decay on every parameter, BN and heads included, as the reference).
+        scheduler: the name of a per-epoch schedule: ``cosine`` (``lr * 0.5 * (1 + cos(pi * e /
+            max_epochs))``, the reference's one-cycle SGDR), ``warmup_cosine`` (linear warm-up over
+            ``warmup_epochs``, then cosine), ``multistep`` (x ``lr_decay`` at ``milestones``) or ``constant``;
+            or ``callable(optimizer)`` returning an LRScheduler (stepped per epoch), a Lightning
+            ``lr_scheduler`` dict (e.g. ``{"scheduler": s, "interval": "step"}``) or ``None``.
+        optimizer: ``callable(param_groups) -> Optimizer`` in place of the reference SGD, e.g.
+            ``functools.partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.05)``. The groups are named
+            ``peers`` and ``method`` (the method's own parameters, such as heads, if it has any), so
+            LearningRateMonitor logs ``lr-<Optimizer>/peers`` for every method.
     """
 
     def __init__(
@@ -58,9 +67,11 @@ class OKDSystem(L.LightningModule):
         momentum: float = 0.9,
         weight_decay: float = 5e-4,
         nesterov: bool = True,
-        scheduler: str = "cosine",
+        scheduler: str | SchedulerFactory = "cosine",
         milestones: Sequence[int] = (150, 200, 250),
         lr_decay: float = 0.1,
+        warmup_epochs: int = 0,
+        optimizer: OptimizerFactory | None = None,
     ) -> None:
         super().__init__()
         # the classes themselves, or another module: attach()/spec() would fail with a bare TypeError
@@ -69,17 +80,22 @@ class OKDSystem(L.LightningModule):
         if isinstance(peers, type) or not callable(getattr(peers, "spec", None)):
             raise TypeError("OKDSystem's peers must be a PeerNetwork (or FusedPeerNetwork) instance, e.g. "
                             f"PeerNetwork.from_backbone('resnet32', num_peers=4); got {_kind(peers)}")
-        check_choice("optim.scheduler", scheduler, SCHEDULERS)
-        if not lr > 0 or not 0.0 <= momentum < 1.0 or weight_decay < 0:
-            raise ConfigError(f"optim needs lr > 0, momentum in [0, 1) and weight_decay >= 0; got lr={lr}, "
-                              f"momentum={momentum}, weight_decay={weight_decay}")
+        if isinstance(scheduler, str):
+            check_choice("optim.scheduler", scheduler, SCHEDULES)
+        if optimizer is None:
+            check_sgd(lr, momentum, weight_decay)
         spec = peers.spec()
         method.attach(spec)  # the one place where a method meets its network
         num_classes = spec.num_classes if num_classes is None else num_classes
         if num_classes < 1:  # peers whose classifiers hold no nn.Linear: the metrics need the class count
             raise ConfigError("the peers' classifiers do not tell the number of classes; pass OKDSystem(..., num_classes=N)")
         milestones = [int(m) for m in milestones]  # plain list: checkpoints load with weights_only=True
-        self.save_hyperparameters(ignore=["peers", "method"])
+        # callables stay out of the hyperparameters (checkpoints load with weights_only=True); what was
+        # trained goes in, for every logger's hparams: a DML and an MCL-OKD run differ in more than lr
+        self.save_hyperparameters(ignore=["peers", "method", "optimizer", *([] if isinstance(scheduler, str) else ["scheduler"])])
+        self.save_hyperparameters({**self.hparams, **describe(peers, method)})
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = None if isinstance(scheduler, str) else scheduler
         self.peers = peers
         self.method = method
         self.val_metrics = PeerMetrics(peers.num_peers, num_classes)
@@ -118,12 +134,17 @@ class OKDSystem(L.LightningModule):
         losses = self.method(output, labels, indices)
         loss = torch.stack(list(losses.values())).sum()
         batch_size = labels.shape[0]
-        # Epoch-level logging accumulates on the device: no host sync inside the step. Under DDP the
-        # epoch means are reduced across ranks once, at the end of the epoch.
+        # Epoch means accumulate on the device: no host sync inside the step. Under DDP they are reduced
+        # across ranks once, at the end of the epoch.
         log = dict(on_step=False, on_epoch=True, batch_size=batch_size, sync_dist=True)
+        # Per-step values (this rank's, no collective) as train_step/...: Lightning keeps the tensor and
+        # reads it at logging steps only (trainer.log_every_n_steps); the epoch means keep their train/ names.
+        step = dict(on_step=True, on_epoch=False, batch_size=batch_size)
         for name, value in losses.items():
             self.log(f"train/loss/{name}", value, **log)
+            self.log(f"train_step/loss/{name}", value.detach(), **step)
         self.log("train/loss", loss, prog_bar=True, **log)
+        self.log("train_step/loss", loss.detach(), **step)
         correct = (output.logits.detach().argmax(-1) == labels).float().mean(1)
         for i, acc in enumerate(correct):
             self.log(f"train/peer{i}/top1", acc, **log)
@@ -168,22 +189,19 @@ class OKDSystem(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
         settings = dict(lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay, nesterov=hp.nesterov)
-        groups = [{"params": list(self.peers.parameters())}, *self.method.parameter_groups(settings)]
-        # foreach: a few multi-tensor ops per group instead of a few ops per parameter (what torch picks on
-        # CUDA anyway; on the CPU the same elementwise maths, bit for bit: tests/test_system.py)
-        optimizer = torch.optim.SGD(groups, foreach=True, **settings)
-        if hp.scheduler == "constant":
-            return {"optimizer": optimizer}
-        if hp.scheduler == "multistep":
-            schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(hp.milestones), gamma=hp.lr_decay)
-        else:
-            epochs = self.trainer.max_epochs
-            if epochs is None or epochs < 1:
-                raise ConfigError("scheduler=cosine needs trainer.max_epochs >= 1 (the cosine period)")
-            schedule = torch.optim.lr_scheduler.LambdaLR(
-                optimizer, lambda e: 0.5 * (1.0 + math.cos(math.pi * e / epochs))
-            )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "epoch"}}
+        # named groups: LearningRateMonitor's tags (lr-SGD/peers, lr-SGD/method) are the same for every method
+        groups = [{"name": "peers", "params": list(self.peers.parameters())}]
+        own = self.method.parameter_groups(settings)
+        for i, group in enumerate(own):
+            group.setdefault("name", "method" if len(own) == 1 else f"method{i}")
+        optimizer = (self.optimizer_factory or partial(reference_sgd, **settings))(groups + own)
+        schedule = self.scheduler_factory
+        if schedule is None:  # a named schedule (hparams: a test or a user may change it before fit)
+            max_epochs = self._trainer.max_epochs if self._trainer is not None else None
+            schedule = partial(epoch_schedule, kind=hp.scheduler, max_epochs=max_epochs, milestones=hp.milestones,
+                               gamma=hp.lr_decay, warmup_epochs=hp.get("warmup_epochs", 0))
+        entry = lightning_schedule(schedule(optimizer))
+        return {"optimizer": optimizer, **({"lr_scheduler": entry} if entry else {})}
 
     # -- checkpoints ------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -225,6 +243,16 @@ class OKDSystem(L.LightningModule):
                 "before checkpoints carried them); use OKDSystem.load_from_checkpoint(path, peers=..., method=...)")
         peers = PeerNetwork.from_backbone(**peers_spec)
         return cls.load_from_checkpoint(path, map_location=map_location, peers=peers, method=build_method(spec))
+
+
+def describe(peers: PeerNetwork, method: OKDMethod) -> dict[str, Any]:
+    """The method (name and options), the network (backbone, peer count, topology) and lightning.seed_everything's seed
+    (``global_seed``: data modules may have a `seed` of their own), as plain data."""
+    options = (method_spec(method) or {}).get("options", {})
+    network = peers.build_spec or {"num_peers": peers.num_peers, "backbone": "own modules (PeerNetwork.from_modules)"}
+    seed = os.environ.get("PL_GLOBAL_SEED")  # set by lightning.seed_everything
+    return {"method_name": method.name, "method_options": options, "network": dict(network),
+            "global_seed": None if seed is None else int(seed)}
 
 
 def rng_states() -> dict[str, Any]:

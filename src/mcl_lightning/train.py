@@ -34,6 +34,7 @@ from mcl_lightning.runtime.checkpointing import (AtomicCheckpointIO, BestCheckpo
 from mcl_lightning.core.errors import NoScoreError, NonFiniteLossError
 from mcl_lightning.runtime.guards import NonFiniteLossGuard
 from mcl_lightning.runtime.lost_rank import LostRankError, lost_rank_error
+from mcl_lightning.runtime.optim import optim_options
 from mcl_lightning.runtime.perf import apply_perf
 from mcl_lightning.runtime.probe_window import ProbeWindow
 from mcl_lightning.runtime.progress import LossTermsProgressBar
@@ -60,7 +61,7 @@ def build(cfg: DictConfig, run_dir: Path, ckpt_path: Path | None) -> tuple[Any, 
             raise validation.incompatible(ckpt_path, diffs)
     peers, method = apply_perf(peers, method, cfg.get("perf"))  # speed switches (perf.*), maths unchanged
     datamodule = instantiate(cfg.data)
-    system = OKDSystem(peers, method, num_classes=datamodule.num_classes, **OmegaConf.to_container(cfg.optim, resolve=True))
+    system = OKDSystem(peers, method, num_classes=datamodule.num_classes, **optim_options(cfg.optim))  # conf/optim/
     # A resumed run keeps writing to the checkpoint's own folder: ModelCheckpoint restores its best
     # score only there, and "best" stays the best of the whole run.
     checkpoint_dir = ckpt_path.resolve().parent if ckpt_path else run_dir / "checkpoints"

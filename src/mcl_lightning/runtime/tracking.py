@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from hydra.utils import instantiate
-from lightning.pytorch.loggers import CSVLogger, Logger, MLFlowLogger, TensorBoardLogger, WandbLogger
+from lightning.pytorch.loggers import Logger, MLFlowLogger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from mcl_lightning.core.errors import ConfigError
@@ -53,11 +53,11 @@ def build_loggers(logger_cfg: DictConfig | None, overrides: dict[str, dict[str, 
 
 
 def log_config(loggers: Iterable[Logger], config: dict[str, Any]) -> None:
-    """The resolved run config to the trackers, under ``config/`` (Lightning logs the system's and the data
-    module's own hyperparameters beside it: ``seed`` is in both); CSV and TensorBoard keep today's files."""
+    """The resolved run config (method and its options, backbone, peers, seed, data, perf, optim...) to every
+    logger, under ``config`` (the CSV and TensorBoard loggers' ``hparams.yaml`` included); Lightning logs the
+    system's and the data module's own hyperparameters beside it."""
     for logger in loggers:
-        if not isinstance(logger, (CSVLogger, TensorBoardLogger)):
-            logger.log_hyperparams({"config": config})
+        logger.log_hyperparams({"config": config})
 
 
 def finish_trackers(loggers: Iterable[Logger], run_dir: Path, paths: Iterable[Path]) -> None:

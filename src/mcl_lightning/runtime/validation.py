@@ -26,8 +26,10 @@ from omegaconf import DictConfig, OmegaConf
 from mcl_lightning.runtime.build import build_network, data_options, schedule_options
 from mcl_lightning.runtime.checkpointing import newest_checkpoint, read_checkpoint, resolve_ckpt_path
 from mcl_lightning.runtime.ddp import check_timeout_s
+from mcl_lightning.runtime.optim import SCHEDULES, check_sgd
 from mcl_lightning.runtime.overrides import check_group_options, check_sweep
 from mcl_lightning.core.errors import ConfigError, UserError
+from mcl_lightning.core.registry import check_choice
 from mcl_lightning.core.outputs import check_no_file_in_the_way
 from mcl_lightning.runtime.tracking import check_loggers
 
@@ -49,10 +51,9 @@ def check_config(cfg: DictConfig) -> None:
     if isinstance(peers, int) and peers < 1:
         raise ConfigError(f"peers must be >= 1, got {peers} (e.g. peers=4)")
     optim = cfg.get("optim") or {}
-    lr, momentum, decay = optim.get("lr", 0.05), optim.get("momentum", 0.9), optim.get("weight_decay", 0.0)
-    if not lr > 0 or not 0.0 <= momentum < 1.0 or decay < 0:
-        raise ConfigError(f"optim needs lr > 0, momentum in [0, 1) and weight_decay >= 0; got optim.lr={lr}, "
-                          f"optim.momentum={momentum}, optim.weight_decay={decay}")
+    check_sgd(optim.get("lr", 0.05), optim.get("momentum", 0.9), optim.get("weight_decay", 0.0))
+    if "scheduler" in optim:  # the schedule is built at fit start, after the data: check its name now
+        check_choice("optim.scheduler", optim.scheduler, SCHEDULES)
     strategy = cfg.trainer.get("strategy")
     if OmegaConf.is_dict(strategy) and "timeout_s" in strategy:
         check_timeout_s(strategy.timeout_s)
