@@ -143,6 +143,28 @@ def test_a_schedule_change_on_resume_is_named_and_extending_a_step_schedule_is_a
     assert schedule_differences(cosine, {**same, "scheduler": "multistep"})[0].startswith("optim.scheduler")
     multistep = {"hyper_parameters": {**cosine["hyper_parameters"], "scheduler": "multistep"}, "max_epochs": 2}
     assert schedule_differences(multistep, {**same, "scheduler": "multistep", "max_epochs": 400}) == []  # extends
+    warmup = {"hyper_parameters": {"scheduler": "warmup_cosine", "warmup_epochs": 1}, "max_epochs": 4}
+    (line,) = schedule_differences(warmup, {"scheduler": "warmup_cosine", "warmup_epochs": 1, "max_epochs": 6})
+    assert line.startswith("trainer.max_epochs: checkpoint 4, now 6 (optim.scheduler=warmup_cosine")
+    assert schedule_differences(warmup, {"scheduler": "warmup_cosine", "warmup_epochs": 2, "max_epochs": 4})
+
+
+def test_the_config_and_the_system_name_the_schedule_alike():
+    """conf/optim hands OKDSystem a partial, not a name: the checkpoint and the resume check must still
+    both say 'cosine' (else a resume that bends the cosine goes through), and a user's own callable is
+    named by its qualified name on both sides."""
+    from hydra.utils import instantiate
+
+    from mcl_lightning.runtime.build import schedule_options
+    from mcl_lightning.runtime.optim import optim_options, schedule_name
+    from test_train import _compose
+
+    for scheduler in ("cosine", "warmup_cosine", "multistep", "constant"):
+        cfg = _compose([f"optim.scheduler={scheduler}", "optim.warmup_epochs=1", "trainer.max_epochs=3"])
+        assert schedule_options(cfg)["scheduler"] == scheduler
+        assert schedule_name(optim_options(cfg.optim)["scheduler"]) == scheduler
+    custom = instantiate({"_target_": "torch.optim.lr_scheduler.StepLR", "_partial_": True, "step_size": 3})
+    assert schedule_name(custom) == "torch.optim.lr_scheduler.StepLR"
 
 
 def test_extending_a_finished_cosine_run_is_refused_in_one_line(finished_run, data_root):

@@ -65,6 +65,21 @@ def epoch_schedule(optimizer: torch.optim.Optimizer, kind: str = "cosine", max_e
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+# Schedules whose lr at an epoch depends on trainer.max_epochs (the cosine period): a resume must keep it.
+SPANS_MAX_EPOCHS = ("cosine", "warmup_cosine")
+
+
+def schedule_name(scheduler: str | SchedulerFactory | None) -> str | None:
+    """What a checkpoint records and a resume compares: a shipped per-epoch schedule by its name (also when it
+    comes as ``conf/optim``'s partial of :func:`epoch_schedule`), any other callable by its qualified name."""
+    if scheduler is None or isinstance(scheduler, str):
+        return scheduler
+    func = getattr(scheduler, "func", scheduler)  # functools.partial: Hydra's `_partial_: true`
+    if func is epoch_schedule:
+        return getattr(scheduler, "keywords", {}).get("kind", "cosine")
+    return f"{getattr(func, '__module__', '')}.{getattr(func, '__qualname__', type(func).__name__)}"
+
+
 def lightning_schedule(schedule: Any) -> dict[str, Any] | None:
     """A scheduler factory's result as Lightning's ``lr_scheduler`` entry (a bare scheduler steps per epoch)."""
     if schedule is None or isinstance(schedule, dict):

@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from mcl_lightning.runtime.build import build_network, data_options, schedule_options
 from mcl_lightning.runtime.checkpointing import newest_checkpoint, read_checkpoint, resolve_ckpt_path
 from mcl_lightning.runtime.ddp import check_timeout_s
-from mcl_lightning.runtime.optim import SCHEDULES, check_sgd
+from mcl_lightning.runtime.optim import SCHEDULES, SPANS_MAX_EPOCHS, check_sgd
 from mcl_lightning.runtime.overrides import check_group_options, check_sweep
 from mcl_lightning.core.errors import ConfigError, UserError
 from mcl_lightning.core.registry import check_choice
@@ -163,7 +163,7 @@ def checkpoint_differences(checkpoint: dict[str, Any], peers_spec: dict | None, 
 
 # The optimiser restores its own lr, momentum and weight decay from a checkpoint and the scheduler its
 # own state: a different value in the config would be ignored, or (cosine's period) bend the schedule.
-SCHEDULE_KEYS = ("lr", "scheduler", "milestones", "lr_decay", "momentum", "weight_decay", "nesterov")
+SCHEDULE_KEYS = ("lr", "scheduler", "milestones", "lr_decay", "warmup_epochs", "momentum", "weight_decay", "nesterov")
 
 
 def schedule_differences(checkpoint: dict[str, Any], schedule: dict[str, Any]) -> list[str]:
@@ -177,9 +177,9 @@ def schedule_differences(checkpoint: dict[str, Any], schedule: dict[str, Any]) -
         if key in saved and key in schedule and _listed(old) != _listed(new):
             diffs.append(f"optim.{key}: checkpoint {_listed(old)}, now {_listed(new)}")
     epochs = checkpoint.get("max_epochs")
-    if (saved.get("scheduler") == "cosine" and epochs is not None and schedule.get("max_epochs") is not None
+    if (saved.get("scheduler") in SPANS_MAX_EPOCHS and epochs is not None and schedule.get("max_epochs") is not None
             and int(epochs) != int(schedule["max_epochs"])):
-        diffs.append(f"trainer.max_epochs: checkpoint {epochs}, now {schedule['max_epochs']} (optim.scheduler=cosine "
+        diffs.append(f"trainer.max_epochs: checkpoint {epochs}, now {schedule['max_epochs']} (optim.scheduler={saved['scheduler']} "
                      f"spans trainer.max_epochs: another value bends the schedule; resume with trainer.max_epochs={epochs})")
     return diffs
 
