@@ -87,7 +87,7 @@ def csv_rows(run_dir: Path) -> list[dict[str, str]]:
 def row_kinds(rows: list[dict[str, str]]) -> list[tuple[str, str, str]]:
     """(kind, epoch, step) of each CSV row: lr (epoch start), train, val, test (epoch end)."""
     def kind(row: dict[str, str]) -> str:
-        return next(k for k in ("lr-SGD/pg1", "train/loss", "val/peer0/top1", "test/peer0/top1") if row.get(k)).split("/")[0]
+        return next(k for k in ("lr-SGD/peers", "train/loss", "val/peer0/top1", "test/peer0/top1") if row.get(k)).split("/")[0]
     return [(kind(row), row["epoch"], row["step"]) for row in rows]
 
 
@@ -110,7 +110,7 @@ def test_a_kill_right_after_an_epoch_end_loses_no_row_and_repeats_none(tmp_path,
         ("lr-SGD", "", "4"), ("val", "1", "7"), ("train", "1", "7"), ("test", "2", "8")])
     assert "Previous log files" not in proc.stderr
     assert tensorboard_steps(run_dir, "train/loss") == [3, 7]  # the same TensorBoard run, each epoch once
-    assert tensorboard_steps(run_dir, "lr-SGD/pg1") == [0, 4]
+    assert tensorboard_steps(run_dir, "lr-SGD/peers") == [0, 4]
     results = json.loads((run_dir / "results.json").read_text())
     assert results["best_epoch"] is not None and results["epochs_run"] == 2
     assert sorted(read_epoch_series(run_dir / "csv" / "metrics.csv")["train/loss"]) == [0, 1]  # curves.png's data
