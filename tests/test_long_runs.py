@@ -156,7 +156,7 @@ def test_the_config_and_the_system_name_the_schedule_alike():
     from hydra.utils import instantiate
 
     from mcl_lightning.runtime.build import schedule_options
-    from mcl_lightning.runtime.optim import optim_options, schedule_name
+    from mcl_lightning.runtime.optim import optim_options, schedule_name, schedule_record
     from test_train import _compose
 
     for scheduler in ("cosine", "warmup_cosine", "multistep", "constant"):
@@ -165,6 +165,12 @@ def test_the_config_and_the_system_name_the_schedule_alike():
         assert schedule_name(optim_options(cfg.optim)["scheduler"]) == scheduler
     custom = instantiate({"_target_": "torch.optim.lr_scheduler.StepLR", "_partial_": True, "step_size": 3})
     assert schedule_name(custom) == "torch.optim.lr_scheduler.StepLR"
+    # a user's own schedule is kept apart from `scheduler` (which a reload passes back to OKDSystem) and a
+    # switch between it and a shipped one is still named on resume
+    assert schedule_record(custom) == {"scheduler_callable": "torch.optim.lr_scheduler.StepLR"}
+    cosine = {"hyper_parameters": schedule_record("cosine"), "max_epochs": 3}
+    (line,) = schedule_differences(cosine, {**schedule_record(custom), "max_epochs": 3})
+    assert line == "optim.scheduler: checkpoint cosine, now torch.optim.lr_scheduler.StepLR"
 
 
 def test_extending_a_finished_cosine_run_is_refused_in_one_line(finished_run, data_root):

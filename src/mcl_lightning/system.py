@@ -24,7 +24,7 @@ from mcl_lightning.methods.base import OKDMethod
 from mcl_lightning.runtime.checkpointing import read_checkpoint
 from mcl_lightning.runtime.optim import (
     SCHEDULES, OptimizerFactory, SchedulerFactory, check_sgd, epoch_schedule, lightning_schedule, reference_sgd,
-    schedule_name)
+    schedule_record)
 from mcl_lightning.runtime.metrics import PeerMetrics
 from mcl_lightning.models.contract import PeerOutput
 from mcl_lightning.models.peers import PeerNetwork
@@ -94,7 +94,7 @@ class OKDSystem(L.LightningModule):
         # callables stay out of the hyperparameters (checkpoints load with weights_only=True); what was
         # trained goes in, for every logger's hparams: a DML and an MCL-OKD run differ in more than lr
         self.save_hyperparameters(ignore=["peers", "method", "optimizer", *([] if isinstance(scheduler, str) else ["scheduler"])])
-        self.save_hyperparameters({**self.hparams, **describe(peers, method), "scheduler": schedule_name(scheduler)})
+        self.save_hyperparameters({**self.hparams, **describe(peers, method), **schedule_record(scheduler)})
         self.optimizer_factory = optimizer
         self.scheduler_factory = None if isinstance(scheduler, str) else scheduler
         self.peers = peers

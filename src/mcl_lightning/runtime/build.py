@@ -10,7 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mcl_lightning.methods import OKDMethod
 from mcl_lightning.models import PeerNetwork
-from mcl_lightning.runtime.optim import schedule_name
+from mcl_lightning.runtime.optim import schedule_record
 
 
 def build_network(cfg: DictConfig) -> tuple[PeerNetwork, OKDMethod]:
@@ -31,5 +31,6 @@ def schedule_options(cfg: DictConfig) -> dict[str, Any]:
     """The optimiser and schedule settings, resolved, with ``max_epochs`` (what a resume compares)."""
     options = OmegaConf.to_container(cfg.optim, resolve=True)
     if "lr_scheduler" in cfg.optim:  # named as OKDSystem records it (a user's own `_target_` by its name)
-        options["scheduler"] = schedule_name(instantiate(cfg.optim.lr_scheduler))
+        options.pop("scheduler", None)
+        options.update(schedule_record(instantiate(cfg.optim.lr_scheduler)))
     return {**options, "max_epochs": cfg.trainer.get("max_epochs")}

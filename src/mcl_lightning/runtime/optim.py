@@ -80,6 +80,19 @@ def schedule_name(scheduler: str | SchedulerFactory | None) -> str | None:
     return f"{getattr(func, '__module__', '')}.{getattr(func, '__qualname__', type(func).__name__)}"
 
 
+def schedule_record(scheduler: str | SchedulerFactory | None) -> dict[str, str | None]:
+    """The schedule as a checkpoint's hyperparameters hold it: a shipped schedule as ``scheduler`` (what
+    ``OKDSystem(scheduler=)`` takes back on reload), any other callable as ``scheduler_callable`` (its name only:
+    reloading falls back to the constructor's default)."""
+    name = schedule_name(scheduler)
+    return {"scheduler": name} if name is None or name in SCHEDULES else {"scheduler_callable": name}
+
+
+def recorded_schedule(record: dict[str, Any]) -> str | None:
+    """The schedule a ``schedule_record`` (or an older checkpoint's ``scheduler``) names."""
+    return record.get("scheduler_callable") or record.get("scheduler")
+
+
 def lightning_schedule(schedule: Any) -> dict[str, Any] | None:
     """A scheduler factory's result as Lightning's ``lr_scheduler`` entry (a bare scheduler steps per epoch)."""
     if schedule is None or isinstance(schedule, dict):

@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from mcl_lightning.runtime.build import build_network, data_options, schedule_options
 from mcl_lightning.runtime.checkpointing import newest_checkpoint, read_checkpoint, resolve_ckpt_path
 from mcl_lightning.runtime.ddp import check_timeout_s
-from mcl_lightning.runtime.optim import SCHEDULES, SPANS_MAX_EPOCHS, check_sgd
+from mcl_lightning.runtime.optim import SCHEDULES, SPANS_MAX_EPOCHS, check_sgd, recorded_schedule
 from mcl_lightning.runtime.overrides import check_group_options, check_sweep
 from mcl_lightning.core.errors import ConfigError, UserError
 from mcl_lightning.core.registry import check_choice
@@ -163,7 +163,7 @@ def checkpoint_differences(checkpoint: dict[str, Any], peers_spec: dict | None, 
 
 # The optimiser restores its own lr, momentum and weight decay from a checkpoint and the scheduler its
 # own state: a different value in the config would be ignored, or (cosine's period) bend the schedule.
-SCHEDULE_KEYS = ("lr", "scheduler", "milestones", "lr_decay", "warmup_epochs", "momentum", "weight_decay", "nesterov")
+SCHEDULE_KEYS = ("lr", "milestones", "lr_decay", "warmup_epochs", "momentum", "weight_decay", "nesterov")
 
 
 def schedule_differences(checkpoint: dict[str, Any], schedule: dict[str, Any]) -> list[str]:
@@ -176,6 +176,9 @@ def schedule_differences(checkpoint: dict[str, Any], schedule: dict[str, Any]) -
         old, new = saved.get(key), schedule.get(key)
         if key in saved and key in schedule and _listed(old) != _listed(new):
             diffs.append(f"optim.{key}: checkpoint {_listed(old)}, now {_listed(new)}")
+    old, new = recorded_schedule(saved), recorded_schedule(schedule)
+    if old is not None and new is not None and old != new:
+        diffs.append(f"optim.scheduler: checkpoint {old}, now {new}")
     epochs = checkpoint.get("max_epochs")
     if (saved.get("scheduler") in SPANS_MAX_EPOCHS and epochs is not None and schedule.get("max_epochs") is not None
             and int(epochs) != int(schedule["max_epochs"])):
