@@ -36,8 +36,8 @@ from typing import Any
 import lightning as L
 import torch
 
-from mcl_lightning.reproduce import FAST_PATH
-from mcl_lightning.runtime.study import PAPER_MATRIX
+from mcl_lightning.tools.reproduce import FAST_PATH
+from mcl_lightning.tools.study import PAPER_MATRIX
 
 CPU_FOR_GPU = {"trainer=gpu": ["trainer=cpu", "trainer.precision=bf16-mixed"]}
 

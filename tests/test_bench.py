@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from mcl_lightning import bench
+from mcl_lightning.tools import bench
 from mcl_lightning.core.errors import ConfigError
 
 SETTING_FIELDS = {"backbone", "peers", "topology", "batch_size", "rows", "precision", "compile", "compile_backend",

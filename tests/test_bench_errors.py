@@ -9,8 +9,8 @@ import shlex
 import pytest
 import torch
 
-from mcl_lightning import bench, gpu_evidence, reproduce
-from mcl_lightning.bench import cli
+from mcl_lightning.tools import bench, gpu_evidence, reproduce
+from mcl_lightning.tools.bench import cli
 from mcl_lightning.core.errors import ConfigError
 
 

@@ -14,10 +14,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-from mcl_lightning import bench
-from mcl_lightning.bench import measure
-from mcl_lightning.bench.runs import Bench
-from mcl_lightning.bench.settings import row_specs
+from mcl_lightning.tools import bench
+from mcl_lightning.tools.bench import measure
+from mcl_lightning.tools.bench.runs import Bench
+from mcl_lightning.tools.bench.settings import row_specs
 from mcl_lightning.data import CIFARDataModule
 from mcl_lightning.models import PeerLayout
 from mcl_lightning.system import OKDSystem

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from conftest import FINISHED_RUN, run_cli
-from mcl_lightning import bench, evaluate, export, gpu_evidence, report, reproduce
+from mcl_lightning import evaluate, export
+from mcl_lightning.tools import bench, gpu_evidence, report, reproduce
 
 TINY_BENCH = ["--preset", "tiny", "--device", "cpu", "--rows", "mcl_okd@64", "--plain", "", "--data-k", "",
               "--memory-k", "0"]

@@ -11,7 +11,7 @@ import torch
 
 from conftest import run_cli
 from mcl_lightning import OKDSystem, create_backbone
-from mcl_lightning.runtime.curves import DPI, FIGSIZE
+from mcl_lightning.tools.curves import DPI, FIGSIZE
 from mcl_lightning.models import count_parameters
 
 
@@ -130,7 +130,7 @@ def test_every_run_writes_curves_and_report_redraws_them(finished_run, tmp_path)
 
 
 def test_curves_read_every_series_and_let_a_resumed_epoch_win(tmp_path):
-    from mcl_lightning.runtime.curves import plot_run, read_epoch_series
+    from mcl_lightning.tools.curves import plot_run, read_epoch_series
 
     (tmp_path / "csv").mkdir()
     rows = ["epoch,step,train/loss,train/loss/ce,val/peer0/top1,val/ensemble/top1",

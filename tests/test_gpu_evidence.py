@@ -13,8 +13,8 @@ import tarfile
 
 import pytest
 
-from mcl_lightning import bench
-from mcl_lightning.runtime.study import PAPER_MATRIX
+from mcl_lightning.tools import bench
+from mcl_lightning.tools.study import PAPER_MATRIX
 
 from test_entry_points import reencoded_root  # noqa: F401  (the fixture)
 

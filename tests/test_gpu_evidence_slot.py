@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from mcl_lightning import gpu_evidence
+from mcl_lightning.tools import gpu_evidence
 from mcl_lightning.core.errors import ConfigError
-from mcl_lightning.runtime import evidence, probe
+from mcl_lightning.tools import evidence, probe
 from mcl_lightning.runtime.results import max_time_stopped
 
 from test_entry_points import reencoded_root  # noqa: F401  (the fixture)

@@ -17,7 +17,7 @@ import torch
 
 from conftest import FINISHED_RUN, run_cli
 from mcl_lightning.data.resumable import ResumableLoader, ResumableOrderSampler
-from mcl_lightning.runtime.curves import read_epoch_series
+from mcl_lightning.tools.curves import read_epoch_series
 from mcl_lightning.runtime.history import ROWS_KEY, ResumableCSVLogger, restore_rows
 from mcl_lightning.runtime.results import format_table
 from mcl_lightning.runtime.validation import schedule_differences

@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from mcl_lightning.report import main as report_main
-from mcl_lightning.report import report
+from mcl_lightning.tools.report import main as report_main
+from mcl_lightning.tools.report import report
 
 from test_train import TINY, run_train
 

@@ -1,12 +1,12 @@
-"""The study planner's arithmetic (mcl_lightning.runtime.study) and reproduce's option handling, without training."""
+"""The study planner's arithmetic (mcl_lightning.tools.study) and reproduce's option handling, without training."""
 
 from __future__ import annotations
 
 import pytest
 
-from mcl_lightning import reproduce
+from mcl_lightning.tools import reproduce
 from mcl_lightning.core.errors import ConfigError
-from mcl_lightning.runtime.study import RunCost, fill_costs, limited, gaps, makespan, order_longest_first, plan_epochs, probe_slots
+from mcl_lightning.tools.study import RunCost, fill_costs, limited, gaps, makespan, order_longest_first, plan_epochs, probe_slots
 
 
 def test_makespan_is_the_greedy_list_schedule_in_order():
@@ -91,8 +91,8 @@ def test_overrides_the_user_sets_replace_the_fast_path_and_reserved_keys_are_ref
 def test_a_missing_joblib_is_one_clear_error_before_any_work(monkeypatch, tmp_path, capsys):
     import importlib.util
 
-    from mcl_lightning import gpu_evidence
-    from mcl_lightning.runtime import multirun
+    from mcl_lightning.tools import gpu_evidence
+    from mcl_lightning.tools import multirun
 
     assert multirun.missing_launcher_packages() == []  # a dependency of the package: installed here
     real_find_spec = importlib.util.find_spec

@@ -216,8 +216,9 @@ class OKDSystem(L.LightningModule):
             if self.trainer.datamodule is not None:
                 cls = type(self.trainer.datamodule)
                 checkpoint["datamodule_class"] = f"{cls.__module__}.{cls.__qualname__}"
-        # Negatives and augmentation draw from the global RNGs; saving them makes a resumed
-        # single-device run continue exactly as an uninterrupted one (Lightning does not).
+        # Negatives, bank initialisation and the library's augmentation use keyed streams (core/rng.py),
+        # not these; a user's own transforms, dropout or sampler may draw from the global RNGs, and
+        # saving them lets a resumed single-device run continue as an uninterrupted one (Lightning does not).
         checkpoint["rng_states"] = rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -22,35 +22,28 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from mcl_lightning.runtime import history, overrides, validation
-from mcl_lightning.runtime.build import build_network, data_options, schedule_options
-from mcl_lightning.runtime.checkpointing import (AtomicCheckpointIO, BestCheckpoint, LastCheckpoint,
-                                                 remove_stale_temporaries, resolve_ckpt_path)
+from mcl_lightning.runtime.checkpointing import AtomicCheckpointIO, remove_stale_temporaries, resolve_ckpt_path
+from mcl_lightning.runtime.build import build_callbacks, build_network, data_options, schedule_options
 from mcl_lightning.core.errors import NoScoreError, NonFiniteLossError
-from mcl_lightning.runtime.guards import NonFiniteLossGuard
 from mcl_lightning.runtime.lost_rank import LostRankError, lost_rank_error
 from mcl_lightning.runtime.optim import optim_options
 from mcl_lightning.runtime.perf import apply_perf
-from mcl_lightning.runtime.probe_window import ProbeWindow
-from mcl_lightning.runtime.progress import LossTermsProgressBar
-from mcl_lightning.runtime.rank_stats import RankBatchNormStats
 from mcl_lightning.runtime.runlog import RunLog
 from mcl_lightning.runtime.results import format_table, no_score_reason, objective, run_results, write_results
 from mcl_lightning.core.spec import method_spec
-from mcl_lightning.system import MONITOR, OKDSystem
-from mcl_lightning.runtime.throughput import TrainThroughput
+from mcl_lightning.system import OKDSystem
 from mcl_lightning.runtime.tracking import build_loggers, finish_trackers, log_config
 
 log = logging.getLogger("mcl_lightning")
 
 
-def build(cfg: DictConfig, run_dir: Path, ckpt_path: Path | None) -> tuple[Any, OKDSystem, L.Trainer, dict]:
-    """Peers and method (checked against ``ckpt_path``), then data, system, trainer and callbacks."""
+def build(cfg: DictConfig, run_dir: Path, ckpt_path: Path | None) -> tuple[Any, OKDSystem, L.Trainer]:
+    """Peers and method (checked against ``ckpt_path``), then data, system, callbacks and trainer."""
     peers, method = build_network(cfg)  # before the data: a config mistake costs no loading time
     meta = None
     if ckpt_path is not None:
@@ -68,26 +61,12 @@ def build(cfg: DictConfig, run_dir: Path, ckpt_path: Path | None) -> tuple[Any, 
     # logger= (conf/logger/): default CSV + TensorBoard; a resume continues the checkpoint's history
     loggers = build_loggers(cfg.get("logger"), history.logger_overrides(meta))
     history.restore_rows(loggers, meta)
-    callbacks = {
-        "guard": NonFiniteLossGuard(),  # runs before the checkpoint callbacks: a bad step is never saved
-        "rank_stats": RankBatchNormStats(),  # DDP: each rank's BatchNorm statistics in the checkpoints
-        **({"lr": LearningRateMonitor(logging_interval="epoch")} if loggers else {}),  # it needs a logger
-        "best": BestCheckpoint(dirpath=checkpoint_dir, filename="best-epoch{epoch:03d}", auto_insert_metric_name=False,
-                               monitor=MONITOR, mode="max", enable_version_counter=False),
-        "last": LastCheckpoint(checkpoint_dir, cfg.checkpoint.every_n_steps),  # after "best": its state included
-        "throughput": TrainThroughput(),  # results.json's training images/s (the study planner reads it)
-        "history": history.RunHistory(),  # the logged rows, tracker runs and epoch's running means in checkpoints
-    }
-    if cfg.get("probe_window"):  # a study's concurrency probe (mcl_lightning.reproduce) times this job with the others
-        callbacks["probe_window"] = ProbeWindow(**OmegaConf.to_container(cfg.probe_window, resolve=True))
-    if cfg.trainer.get("enable_progress_bar", True):
-        callbacks["progress"] = LossTermsProgressBar()
-    trainer = instantiate(cfg.trainer, callbacks=list(callbacks.values()), logger=loggers or False,
-                          plugins=[AtomicCheckpointIO()])
+    callbacks = build_callbacks(cfg, checkpoint_dir, with_logger=bool(loggers))  # conf/callbacks/
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()])
     if trainer.is_global_zero:
         log_config(loggers, OmegaConf.to_container(cfg, resolve=True))
     validation.check_batch_divides(datamodule.batch_size, trainer.world_size)  # before DDP starts its processes
-    return datamodule, system, trainer, callbacks
+    return datamodule, system, trainer
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -99,7 +78,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, run_dir)
     announce(cfg, run_dir, ckpt_path)
     L.seed_everything(cfg.seed, workers=True)
-    datamodule, system, trainer, callbacks = build(cfg, run_dir, ckpt_path)
+    datamodule, system, trainer = build(cfg, run_dir, ckpt_path)
     if ckpt_path is not None:
         remove_stale_temporaries(ckpt_path.parent)  # left by a writer that was killed
     try:
@@ -110,14 +89,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if failure is None:
             raise
         # a lost rank: no plot, so that rank 0 is done before a launcher that saw the loss kills it
-        finish(run_dir, run_results(cfg, system, trainer, datamodule, callbacks, error=failure,
+        finish(run_dir, run_results(cfg, system, trainer, datamodule, error=failure,
                                    wall_time_s=time.monotonic() - started), trainer,
                curves=not isinstance(failure, LostRankError))
         if failure is error:
             raise
         raise failure from error
     wall_time_s = time.monotonic() - started
-    return finish(run_dir, run_results(cfg, system, trainer, datamodule, callbacks, wall_time_s=wall_time_s), trainer)
+    return finish(run_dir, run_results(cfg, system, trainer, datamodule, wall_time_s=wall_time_s), trainer)
 
 
 def lost_rank(error: Exception, trainer: L.Trainer) -> LostRankError | None:
@@ -149,7 +128,7 @@ def finish(run_dir: Path, results: dict[str, Any], trainer: L.Trainer, curves: b
 def plot_curves(run_dir: Path) -> Path | None:
     """curves.png from the CSV log (logger= without the CSV logger: none); a plot must not cost the run's results."""
     try:
-        from mcl_lightning.runtime.curves import plot_run
+        from mcl_lightning.tools.curves import plot_run
 
         path = plot_run(run_dir)
         print(f"curves: {path}")

@@ -1,13 +1,18 @@
-"""Peers and method from a composed config: what the entry point, the early checks and the study
-planner all build first (before any data), in one place that imports no entry point."""
+"""What a composed config builds: the peers and method (what the entry point, the early checks and the
+study planner all build first, before any data) and the Trainer's callbacks, in one place that imports
+no entry point."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+import lightning as L
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
+from mcl_lightning.core.errors import ConfigError
 from mcl_lightning.methods import OKDMethod
 from mcl_lightning.models import PeerNetwork
 from mcl_lightning.runtime.optim import schedule_record
@@ -34,3 +39,25 @@ def schedule_options(cfg: DictConfig) -> dict[str, Any]:
         options.pop("scheduler", None)
         options.update(schedule_record(instantiate(cfg.optim.lr_scheduler)))
     return {**options, "max_epochs": cfg.trainer.get("max_epochs")}
+
+
+def build_callbacks(cfg: DictConfig, checkpoint_dir: Path, with_logger: bool) -> list[L.Callback]:
+    """``cfg.callbacks`` (conf/callbacks/) in order; a null entry is one removed. A checkpoint callback
+    with ``dirpath: null`` writes into ``checkpoint_dir``. A learning-rate monitor needs a logger and a
+    progress bar a shown bar: without them they are left out (Lightning would refuse the run)."""
+    callbacks = []
+    show_bar = cfg.trainer.get("enable_progress_bar", True)
+    for name, options in (cfg.get("callbacks") or {}).items():
+        if options is None:
+            continue
+        extra = {"dirpath": checkpoint_dir} if "dirpath" in options and options.dirpath is None else {}
+        callback = instantiate(options, **extra)
+        if not isinstance(callback, L.Callback):
+            raise ConfigError(f"callbacks.{name} builds a {type(callback).__name__}, not a Lightning callback: "
+                              f"give callbacks.{name}._target_ a lightning.pytorch.Callback class")
+        if isinstance(callback, LearningRateMonitor) and not with_logger:
+            continue
+        if isinstance(callback, ProgressBar) and not show_bar:
+            continue
+        callbacks.append(callback)
+    return callbacks

@@ -93,6 +93,12 @@ class Preempted(SIGTERMException):
         self.checkpoint, self.epoch, self.step = checkpoint, epoch, step
 
 
+def check_every_n_steps(every_n_steps: Any) -> None:
+    """``checkpoint.every_n_steps``: an integer >= 0 (the config's early checks and ``LastCheckpoint``)."""
+    if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 0:
+        raise ConfigError(f"checkpoint.every_n_steps must be an integer >= 0 (0: epoch ends only), got {every_n_steps!r}")
+
+
 class LastCheckpoint(Checkpoint):
     """``<dirpath>/last.ckpt`` at every epoch end, every ``every_n_steps`` optimizer steps (0: never)
     and on SIGTERM. A ``Checkpoint`` callback: Lightning runs it after the others (the non-finite
@@ -106,8 +112,7 @@ class LastCheckpoint(Checkpoint):
     """
 
     def __init__(self, dirpath: str | Path, every_n_steps: int = 0) -> None:
-        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 0:
-            raise ConfigError(f"checkpoint.every_n_steps must be an integer >= 0 (0: epoch ends only), got {every_n_steps!r}")
+        check_every_n_steps(every_n_steps)
         self.dirpath, self.every_n_steps = Path(dirpath), every_n_steps
         self.sigterm = False
         self.saved_on_sigterm = False

@@ -3,7 +3,8 @@
 - ``trainer.<name>=`` takes any argument of Lightning's ``Trainer`` (``accept_trainer_args`` turns one
   that ``conf/trainer/`` does not list into Hydra's ``++trainer.<name>=``, add or override);
 - an unknown option of the method, backbone, data, perf or trainer group (``method.nce=64``, or
-  ``+method.nce=64``) lists that group's real options with the closest one (``check_group_options``);
+  ``+method.nce=64``) lists that group's real options with the closest one (``check_group_options``),
+  and so does an unknown argument of a callback (``callbacks.early_stopping.patiense=5``: ``check_callbacks``);
   Hydra's own "Could not override" error is answered by composing once more with the option added
   and running the same check (``explain_composition``);
 - an unknown experiment (or other group option) names the closest recipes (``missing_config_message``);
@@ -14,6 +15,7 @@
 from __future__ import annotations
 
 import difflib
+import importlib
 import inspect
 import re
 from dataclasses import fields
@@ -82,6 +84,56 @@ def check_group_options(cfg: DictConfig) -> None:
             raise unknown_option(group, str(unknown[0]), options, owner)
 
 
+def check_callbacks(cfg: DictConfig) -> None:
+    """Every entry of ``callbacks`` (conf/callbacks/) is null (removed) or a ``_target_`` that imports as a
+    Lightning callback and takes the entry's other keys as arguments (``dirpath: null`` included)."""
+    node = cfg.get("callbacks")
+    if node is None:
+        return
+    if not OmegaConf.is_dict(node):
+        raise ConfigError(f"callbacks must be a mapping of name -> callback (conf/callbacks/default.yaml), got {node!r}")
+    for name, options in node.items():
+        if options is None:
+            continue
+        target = options.get("_target_") if OmegaConf.is_dict(options) else None
+        if not target:
+            named = [str(n) for n, o in node.items() if n != name and OmegaConf.is_dict(o) and o.get("_target_")]
+            close = difflib.get_close_matches(str(name), named, n=1, cutoff=0.6)
+            if close:
+                raise ConfigError(f"unknown callback callbacks.{name}; did you mean callbacks.{close[0]}? "
+                                  f"The run's callbacks: {', '.join(named)}")
+            raise ConfigError(f"callbacks.{name} needs a _target_, the callback's class: e.g. "
+                              f"+callbacks.{name}._target_=lightning.pytorch.callbacks.EarlyStopping "
+                              f"(or ~callbacks.{name} to remove it)")
+        module_name, _, class_name = str(target).rpartition(".")
+        try:  # not hydra's get_class, which logs its own report of the failure
+            cls = getattr(importlib.import_module(module_name), class_name)
+        except Exception:
+            raise ConfigError(f"callbacks.{name}._target_={target} does not import; {import_hint(str(target))}"
+                              "give the full path of a Lightning callback class, e.g. "
+                              "lightning.pytorch.callbacks.EarlyStopping") from None
+        if not (isinstance(cls, type) and issubclass(cls, lightning.Callback)):
+            raise ConfigError(f"callbacks.{name}._target_={target} is not a Lightning callback "
+                              "(a subclass of lightning.pytorch.Callback)")
+        params = inspect.signature(cls).parameters
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            continue
+        unknown = [key for key in options if not str(key).startswith("_") and key not in params]
+        if unknown:
+            raise unknown_option(f"callbacks.{name}", str(unknown[0]), [p for p in params if p != "self"], cls.__name__)
+
+
+def import_hint(target: str) -> str:
+    """"did you mean <module>.<name>? " where ``target``'s module imports and has a close name, else ""."""
+    module_name, _, name = target.rpartition(".")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception:
+        return ""
+    close = difflib.get_close_matches(name, [n for n in dir(module) if not n.startswith("_")], n=1, cutoff=0.6)
+    return f"did you mean {module_name}.{close[0]}? " if close else ""
+
+
 def unknown_option(group: str, key: str, options: Sequence[str], owner: str) -> ConfigError:
     close = difflib.get_close_matches(key, options, n=1, cutoff=0.5)
     guess = f"did you mean {group}.{close[0]}? " if close else ""
@@ -106,7 +158,9 @@ def explain_composition(error: Exception, overrides: Sequence[str],
             return None
         forced = [f"+{o}" if o.split("=")[0] == key else o for o in forced]
         try:
-            check_group_options(compose(forced))
+            composed = compose(forced)
+            check_group_options(composed)
+            check_callbacks(composed)
             return None
         except ConfigError as found:
             return found

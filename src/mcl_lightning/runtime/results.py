@@ -84,16 +84,26 @@ def max_time_stopped(trainer: Any) -> bool:
     return remaining is not None and remaining <= 0
 
 
-def run_results(cfg: Any, system: Any, trainer: Any, datamodule: Any, callbacks: dict[str, Any],
-                error: Exception | None = None, wall_time_s: float | None = None) -> dict[str, Any]:
+def run_results(cfg: Any, system: Any, trainer: Any, datamodule: Any, error: Exception | None = None,
+                wall_time_s: float | None = None) -> dict[str, Any]:
     """The results.json of a run (``status`` "finished", or "failed" with ``failure`` recorded).
 
-    ``callbacks``: the entry point's ``best`` (ModelCheckpoint), ``last`` (LastCheckpoint) and ``guard``.
+    The checkpoints are the trainer's ``LastCheckpoint`` and ``BestCheckpoint`` (None where the run has
+    none); a callback with a ``results_key`` adds ``results[results_key] = callback.summary(trainer,
+    datamodule)`` (``TrainThroughput``: "throughput"; a study's ``ProbeWindow``: "probe_window").
     ``wall_time_s``: this process's time from start to results (a resumed run: since the relaunch).
     """
+    from mcl_lightning.runtime.checkpointing import BestCheckpoint, LastCheckpoint  # here: report/evaluate need
+    from mcl_lightning.runtime.guards import NonFiniteLossGuard                  # neither Lightning nor torch
+
+    callbacks = list(getattr(trainer, "callbacks", []))
+    summaries = {c.results_key: c.summary(trainer, datamodule) for c in callbacks
+                 if isinstance(getattr(c, "results_key", None), str)}
+    last_cb = next((c for c in callbacks if isinstance(c, LastCheckpoint)), None)
+    best_cb = next((c for c in callbacks if isinstance(c, BestCheckpoint)), None)
+    guard = next((c for c in callbacks if isinstance(c, NonFiniteLossGuard)), None)
     summary = summarise(system.val_history)
-    last_path = Path(callbacks["last"].path)
-    last = str(last_path) if last_path.is_file() else None  # after a failure: the last good one
+    last = str(last_cb.path) if last_cb is not None and last_cb.path.is_file() else None  # after a failure: the last good one
     results = {
         "status": "failed" if error is not None else "finished",
         "method": system.method.name,
@@ -109,22 +119,21 @@ def run_results(cfg: Any, system: Any, trainer: Any, datamodule: Any, callbacks:
         "selection": datamodule.selection_note,
         "wall_time_s": None if wall_time_s is None else round(wall_time_s, 1),
         "machine": machine(trainer),
-        "throughput": callbacks["throughput"].summary(trainer, datamodule) if "throughput" in callbacks else None,
+        "throughput": summaries.pop("throughput", None),
         "final": summary["final"],
         "best": summary["best"],
         "best_epoch": summary["best_epoch"],
         "max_over_epochs": summary["max_over_epochs"],
         "test": nest_metrics(system.test_results),
         "reference": OmegaConf.to_container(cfg.reference, resolve=True) if cfg.get("reference") else None,
-        "checkpoints": {"last": last, "best": callbacks["best"].best_model_path or None},
+        "checkpoints": {"last": last, "best": (best_cb.best_model_path or None) if best_cb is not None else None},
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
     if max_time_stopped(trainer):  # a study's time cap (trainer.max_time) ended training before max_epochs
         results["stopped_by"] = "trainer.max_time"
-    if "probe_window" in callbacks:
-        results["probe_window"] = callbacks["probe_window"].summary()
+    results.update({key: value for key, value in summaries.items() if key not in results})
     if error is not None:
-        details = getattr(error, "failure", None) or getattr(callbacks.get("guard"), "failure", None) or {}
+        details = getattr(error, "failure", None) or getattr(guard, "failure", None) or {}
         results["failure"] = {**details, "message": str(error)}
     return results
 

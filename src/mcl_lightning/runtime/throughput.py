@@ -18,6 +18,8 @@ import torch
 class TrainThroughput(L.Callback):
     """Global training images/s over the timed spans of this process's fit (see module docstring)."""
 
+    results_key = "throughput"  # results.json's entry (runtime/results.py)
+
     def __init__(self, warmup_steps: int = 5) -> None:
         self.warmup_steps = warmup_steps
         self.batches_seen = 0

@@ -24,10 +24,10 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
 from mcl_lightning.runtime.build import build_network, data_options, schedule_options
-from mcl_lightning.runtime.checkpointing import newest_checkpoint, read_checkpoint, resolve_ckpt_path
+from mcl_lightning.runtime.checkpointing import check_every_n_steps, newest_checkpoint, read_checkpoint, resolve_ckpt_path
 from mcl_lightning.runtime.ddp import check_timeout_s
 from mcl_lightning.runtime.optim import SCHEDULES, SPANS_MAX_EPOCHS, check_sgd, recorded_schedule
-from mcl_lightning.runtime.overrides import check_group_options, check_sweep
+from mcl_lightning.runtime.overrides import check_callbacks, check_group_options, check_sweep
 from mcl_lightning.core.errors import ConfigError, UserError
 from mcl_lightning.core.registry import check_choice
 from mcl_lightning.core.outputs import check_no_file_in_the_way
@@ -61,9 +61,8 @@ def check_config(cfg: DictConfig) -> None:
         value = cfg.trainer.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
             raise ConfigError(f"trainer.{key} must be a number, got {value!r} (e.g. trainer.{key}=10)")
-    every = cfg.get("checkpoint", {}).get("every_n_steps", 0)
-    if isinstance(every, bool) or not isinstance(every, int) or every < 0:
-        raise ConfigError(f"checkpoint.every_n_steps must be an integer >= 0 (0: epoch ends only), got {every!r}")
+    check_every_n_steps(cfg.get("checkpoint", {}).get("every_n_steps", 0))
+    check_callbacks(cfg)
     check_data_root(cfg.data.get("root"))
     world = configured_world_size(cfg.trainer)
     if world:

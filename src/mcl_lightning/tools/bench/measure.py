@@ -8,13 +8,13 @@ import time
 import traceback
 from typing import Any, Callable
 
-from mcl_lightning.bench.data_path import data_path
-from mcl_lightning.bench.memory import contrastive_memory
-from mcl_lightning.bench.profile import profile_row, profile_rows
-from mcl_lightning.bench.runs import Bench
-from mcl_lightning.bench.settings import Settings, row_specs, table_settings
-from mcl_lightning.bench.tables import check_targets
-from mcl_lightning.bench.timing import PeakMemory, Run
+from mcl_lightning.tools.bench.data_path import data_path
+from mcl_lightning.tools.bench.memory import contrastive_memory
+from mcl_lightning.tools.bench.profile import profile_row, profile_rows
+from mcl_lightning.tools.bench.runs import Bench
+from mcl_lightning.tools.bench.settings import Settings, row_specs, table_settings
+from mcl_lightning.tools.bench.tables import check_targets
+from mcl_lightning.tools.bench.timing import PeakMemory, Run
 from mcl_lightning.core.errors import ConfigError
 from mcl_lightning.data import CIFARDataModule
 

@@ -3,7 +3,7 @@
 The study's probe (``mcl_lightning.reproduce``) starts c training jobs at once to measure how fast they
 train while sharing the device. Started as separate processes, they reach their first step seconds
 apart, and a fast recipe would finish its steps before a slow one began: the figures would mostly be
-of jobs running alone. With ``+probe_window.dir=<folder> +probe_window.jobs=<c> +probe_window.steps=<n>``
+of jobs running alone. With ``+callbacks.probe_window={_target_: ...ProbeWindow, dir: <folder>, jobs: <c>, steps: <n>}``
 each job, after ``warmup`` steps, waits for all c jobs to get there (a file each in ``dir``), times its
 next ``steps`` steps, then keeps training untimed until every job has timed its steps, and stops. So
 each job's figure is measured while all c jobs run. results.json's ``probe_window`` holds it.
@@ -23,6 +23,8 @@ BARRIER_TIMEOUT_S = 180.0  # a job that never arrives (it failed): time the othe
 
 
 class ProbeWindow(L.Callback):
+    results_key = "probe_window"  # results.json's entry (runtime/results.py)
+
     def __init__(self, dir: str, jobs: int, steps: int = 150, warmup: int = 5) -> None:  # noqa: A002 (config key)
         self.dir, self.jobs, self.steps, self.warmup = Path(dir), int(jobs), int(steps), int(warmup)
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -81,7 +83,7 @@ class ProbeWindow(L.Callback):
         if module.device.type == "cuda":
             self.peak_memory_bytes = torch.cuda.max_memory_reserved(module.device)
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self, trainer: Any = None, datamodule: Any = None) -> dict[str, Any]:
         """This job's images/s over its window (None when it did not finish the window)."""
         return {"images_per_s": round(self.images / self.seconds, 1) if self.seconds else None,
                 "timed_steps": self.steps if self.seconds else self.batches - self.warmup,

@@ -13,8 +13,8 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from mcl_lightning.bench.settings import SEED, SGD, RowSpec, Settings
-from mcl_lightning.bench.timing import Clock, PeakMemory, Run, StepTimer, sync
+from mcl_lightning.tools.bench.settings import SEED, SGD, RowSpec, Settings
+from mcl_lightning.tools.bench.timing import Clock, PeakMemory, Run, StepTimer, sync
 from mcl_lightning.data import CIFARDataModule, DeviceResidentLoader, normalize, random_crop_flip
 from mcl_lightning.methods import OKDMethod, get_method
 from mcl_lightning.methods.losses import cross_entropy_per_peer

@@ -18,9 +18,9 @@ from typing import Any
 import lightning as L
 import torch
 
-from mcl_lightning.bench.measure import run_table
-from mcl_lightning.bench.settings import Settings, check_rows, preset, row_specs, table_settings
-from mcl_lightning.bench.tables import device_name, format_table, fused_comparison
+from mcl_lightning.tools.bench.measure import run_table
+from mcl_lightning.tools.bench.settings import Settings, check_rows, preset, row_specs, table_settings
+from mcl_lightning.tools.bench.tables import device_name, format_table, fused_comparison
 from mcl_lightning.core.errors import ConfigError, UserError
 from mcl_lightning.core.outputs import check_output_file
 from mcl_lightning.data import CIFARDataModule

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from mcl_lightning.bench.settings import Settings
+from mcl_lightning.tools.bench.settings import Settings
 
 
 def check_targets(s: Settings, results: dict[str, Any]) -> list[dict[str, Any]]:

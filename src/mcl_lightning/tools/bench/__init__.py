@@ -39,7 +39,7 @@ Modules, one job each: ``settings`` (presets, rows), ``timing`` (clocks, step ti
 ``profile``, ``measure`` (one table), ``tables`` (targets, the printed table), ``cli``.
 """
 
-from mcl_lightning.bench.cli import main, parse_args, run, settings_from_args
-from mcl_lightning.bench.settings import Settings, parse_row, preset, row_specs
+from mcl_lightning.tools.bench.cli import main, parse_args, run, settings_from_args
+from mcl_lightning.tools.bench.settings import Settings, parse_row, preset, row_specs
 
 __all__ = ["Settings", "main", "parse_args", "parse_row", "preset", "row_specs", "run", "settings_from_args"]

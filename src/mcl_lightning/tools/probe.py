@@ -14,8 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-from mcl_lightning.runtime.multirun import StudyFailed, merged, multirun, read_runs
-from mcl_lightning.runtime.study import probe_slots
+from mcl_lightning.tools.multirun import StudyFailed, merged, multirun, read_runs
+from mcl_lightning.tools.study import probe_slots
 
 # What a probe job changes: no validation, a one-batch test, a flat learning rate; it stops itself
 # once its level's window is measured (trainer.max_steps and max_time: only a safety net).
@@ -36,8 +36,9 @@ def probe_level(out: Path, concurrency: int, experiments: list[str], overrides: 
     """One probe level: its jobs' images/s over their common window, the total and its gain."""
     slots = list(experiments) if concurrency == 1 else probe_slots(experiments, concurrency)
     folder = out / "probe" / f"c{concurrency}"
-    window = [f"+probe_window.dir={folder.with_suffix('.window')}", f"+probe_window.jobs={concurrency}",
-              f"+probe_window.steps={steps}", f"+probe_window.warmup={WARMUP}"]
+    window = ["+callbacks.probe_window._target_=mcl_lightning.tools.probe_window.ProbeWindow",
+              f"+callbacks.probe_window.dir={folder.with_suffix('.window')}", f"+callbacks.probe_window.jobs={concurrency}",
+              f"+callbacks.probe_window.steps={steps}", f"+callbacks.probe_window.warmup={WARMUP}"]
     probe = merged(overrides, [f"trainer.max_steps={WARMUP + 50 * steps}", *PROBE, *window, max_time(cap_s)])
     rc = multirun(folder, folder.with_suffix(".log"), concurrency, [f"experiment={','.join(slots)}"], probe,
                   f"probe c={concurrency}", len(slots))

@@ -6,8 +6,8 @@ from typing import Any
 
 import torch
 
-from mcl_lightning.bench.settings import SEED, Settings
-from mcl_lightning.bench.timing import PeakMemory
+from mcl_lightning.tools.bench.settings import SEED, Settings
+from mcl_lightning.tools.bench.timing import PeakMemory
 from mcl_lightning.data import CIFARDataModule
 from mcl_lightning.methods import MCLOKD
 from mcl_lightning.models import PeerSpec

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import time
 
-from mcl_lightning.bench.runs import Bench
-from mcl_lightning.bench.timing import sync
+from mcl_lightning.tools.bench.runs import Bench
+from mcl_lightning.tools.bench.timing import sync
 from mcl_lightning.contrast import NegativeSampler
 
 

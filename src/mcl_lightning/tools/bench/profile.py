@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from mcl_lightning.bench.runs import Bench
-from mcl_lightning.bench.settings import RowSpec
+from mcl_lightning.tools.bench.runs import Bench
+from mcl_lightning.tools.bench.settings import RowSpec
 
 
 def profile_row(bench: Bench, row: RowSpec, steps: int = 2) -> dict[str, Any]:

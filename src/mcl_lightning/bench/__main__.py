@@ -1,3 +1,0 @@
-from mcl_lightning.bench.cli import main
-
-main()

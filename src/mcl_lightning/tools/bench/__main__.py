@@ -1,0 +1,3 @@
+from mcl_lightning.tools.bench.cli import main
+
+main()
