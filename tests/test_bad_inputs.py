@@ -169,7 +169,7 @@ def test_non_finite_loss_stops_at_once_keeps_the_last_good_checkpoint(tmp_path, 
 
 def test_state_mismatch_after_setup_is_named():
     """The backstop in OKDSystem.on_load_checkpoint: shapes and keys that differ, by name."""
-    from mcl_lightning.runtime.validation import state_differences
+    from mcl_lightning.runtime.checkpointing import state_differences
 
     saved = {"method.memory_bank.memory": torch.zeros(2, 45000, 16), "peers.fc.weight": torch.zeros(3), "old": torch.zeros(1)}
     now = {"method.memory_bank.memory": torch.zeros(2, 50000, 16), "peers.fc.weight": torch.zeros(3), "new": torch.zeros(1)}

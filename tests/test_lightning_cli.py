@@ -1,4 +1,5 @@
-"""docs/guide/python.md's LightningCLI script and YAML fit OKDSystem on the real CIFAR-100 for two steps."""
+"""docs/guide/python.md's LightningCLI script and YAML (with the library's callbacks) fit OKDSystem on the real
+CIFAR-100 for two steps."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import doc_block
 from mcl_lightning import OKDSystem
@@ -28,7 +30,8 @@ def test_lightning_cli_fits_okd_system_from_the_documented_yaml(tmp_path, data_r
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "lightning_logs" / "version_0"
     assert "MCLOKD" in (run / "config.yaml").read_text()  # LightningCLI saved the resolved config
-    (checkpoint,) = (run / "checkpoints").glob("*.ckpt")
+    checkpoint = tmp_path / "checkpoints" / "last.ckpt"  # the library's LastCheckpoint, from the YAML's trainer.callbacks
+    assert torch.load(checkpoint, map_location="cpu", weights_only=False)["global_step"] == 2
     system = OKDSystem.from_checkpoint(checkpoint)  # rebuilt from the checkpoint alone
     assert type(system.method).__name__ == "MCLOKD" and system.method.constructor_options["nce_k"] == 256
     assert system.peers.num_peers == 2 and system.peers.build_spec["backbone"] == "resnet8"

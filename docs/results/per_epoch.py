@@ -14,11 +14,11 @@ import statistics
 import sys
 from pathlib import Path
 
-from mcl_lightning.runtime.curves import read_epoch_series
+from mcl_lightning.tools.curves import read_epoch_series
 
 
 def epoch_rows(metrics: Path) -> dict[int, dict[str, float]]:
-    """{epoch: {metric: value}}: the training log read by mcl_lightning.runtime.curves, turned per epoch."""
+    """{epoch: {metric: value}}: the training log read by mcl_lightning.tools.curves, turned per epoch."""
     merged: dict[int, dict[str, float]] = {}
     for key, by_epoch in read_epoch_series(metrics).items():
         for epoch, value in by_epoch.items():

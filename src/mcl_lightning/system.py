@@ -21,7 +21,7 @@ from mcl_lightning.core.errors import ConfigError
 from mcl_lightning.core.registry import check_choice
 from mcl_lightning.data.indexed import batch_images, split_batch
 from mcl_lightning.methods.base import OKDMethod
-from mcl_lightning.runtime.checkpointing import read_checkpoint
+from mcl_lightning.runtime.checkpointing import incompatible, read_checkpoint, state_differences
 from mcl_lightning.runtime.optim import (
     SCHEDULES, OptimizerFactory, SchedulerFactory, check_sgd, epoch_schedule, lightning_schedule, reference_sgd,
     schedule_record)
@@ -29,7 +29,6 @@ from mcl_lightning.runtime.metrics import PeerMetrics
 from mcl_lightning.models.contract import PeerOutput
 from mcl_lightning.models.peers import PeerNetwork
 from mcl_lightning.core.spec import build_method, method_spec
-from mcl_lightning.runtime.validation import state_differences
 
 MONITOR = "val/best_peer/top1"  # checkpoints select on the best peer's validation top-1
 
@@ -226,8 +225,7 @@ class OKDSystem(L.LightningModule):
         # After setup (banks sized for this data), before the weights load: a mismatch is one clear message.
         diffs = state_differences(checkpoint["state_dict"], self.state_dict())
         if diffs and self._trainer is not None:
-            raise ConfigError(f"the checkpoint was trained with a different configuration: {'; '.join(diffs)}. "
-                              "Resume with the checkpoint's settings, or start a new run without ckpt_path")
+            raise incompatible(None, diffs)
         self.val_history = list(checkpoint.get("val_history", []))
         if "rng_states" in checkpoint:
             set_rng_states(checkpoint["rng_states"])

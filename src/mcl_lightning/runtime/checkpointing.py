@@ -262,3 +262,27 @@ def read_checkpoint(path: str | Path, option: str = "") -> dict[str, Any]:
         raise UserError(f"{named} holds {held}, not a training checkpoint; pass one such as "
                         "<run dir>/checkpoints/last.ckpt")
     return checkpoint
+
+
+# -- what a checkpoint was trained with ---------------------------------------------------------
+def state_differences(saved: dict[str, torch.Tensor], current: dict[str, torch.Tensor]) -> list[str]:
+    """Tensors whose shapes differ (bank size, head widths, ...) and keys only one side has."""
+    diffs = []
+    for key in sorted(set(saved) & set(current)):
+        if tuple(saved[key].shape) != tuple(current[key].shape) and current[key].numel() > 0:
+            what = "bank size" if key.endswith("memory_bank.memory") else key
+            diffs.append(f"{what}: checkpoint {tuple(saved[key].shape)}, now {tuple(current[key].shape)}")
+    for label, keys in (("only in the checkpoint", set(saved) - set(current)),
+                        ("missing from the checkpoint", set(current) - set(saved))):
+        if keys:
+            shown = sorted(keys)
+            diffs.append(f"{label}: {', '.join(shown[:4])}{' ...' if len(shown) > 4 else ''}")
+    return diffs
+
+
+def incompatible(path: Path | None, diffs: list[str]) -> ConfigError:
+    """One message for a checkpoint that does not match the run (before the data: train's config check;
+    after: ``OKDSystem.on_load_checkpoint``'s weights check)."""
+    which = f"ckpt_path={path}" if path is not None else "the checkpoint"
+    return ConfigError(f"{which} was trained with a different configuration: {'; '.join(diffs)}. "
+                       "Resume with the checkpoint's settings, or start a new run without ckpt_path")

@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torch
 from hydra.core.global_hydra import GlobalHydra
 from hydra.experimental.callback import Callback
 from hydra.errors import InstantiationException
@@ -24,7 +23,8 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
 from mcl_lightning.runtime.build import build_network, data_options, schedule_options
-from mcl_lightning.runtime.checkpointing import check_every_n_steps, newest_checkpoint, read_checkpoint, resolve_ckpt_path
+from mcl_lightning.runtime.checkpointing import (check_every_n_steps, incompatible, newest_checkpoint, read_checkpoint,
+                                                 resolve_ckpt_path)
 from mcl_lightning.runtime.ddp import check_timeout_s
 from mcl_lightning.runtime.optim import SCHEDULES, SPANS_MAX_EPOCHS, check_sgd, recorded_schedule
 from mcl_lightning.runtime.overrides import check_callbacks, check_group_options, check_sweep
@@ -190,21 +190,6 @@ def _listed(value: Any) -> Any:
     return list(value) if isinstance(value, (list, tuple)) or OmegaConf.is_list(value) else value
 
 
-def state_differences(saved: dict[str, torch.Tensor], current: dict[str, torch.Tensor]) -> list[str]:
-    """Tensors whose shapes differ (bank size, head widths, ...) and keys only one side has."""
-    diffs = []
-    for key in sorted(set(saved) & set(current)):
-        if tuple(saved[key].shape) != tuple(current[key].shape) and current[key].numel() > 0:
-            what = "bank size" if key.endswith("memory_bank.memory") else key
-            diffs.append(f"{what}: checkpoint {tuple(saved[key].shape)}, now {tuple(current[key].shape)}")
-    for label, keys in (("only in the checkpoint", set(saved) - set(current)),
-                        ("missing from the checkpoint", set(current) - set(saved))):
-        if keys:
-            shown = sorted(keys)
-            diffs.append(f"{label}: {', '.join(shown[:4])}{' ...' if len(shown) > 4 else ''}")
-    return diffs
-
-
 def mid_epoch(checkpoint: dict[str, Any]) -> bool:
     """Was the checkpoint written in the middle of an epoch (a step or SIGTERM checkpoint)?"""
     try:
@@ -212,11 +197,6 @@ def mid_epoch(checkpoint: dict[str, Any]) -> bool:
         return not progress["is_last_batch"] and progress["current"]["processed"] > 0
     except (KeyError, TypeError):
         return False
-
-
-def incompatible(path: Path, diffs: list[str]) -> ConfigError:
-    return ConfigError(f"ckpt_path={path} was trained with a different configuration: {'; '.join(diffs)}. "
-                       "Resume with the checkpoint's settings, or start a new run without ckpt_path")
 
 
 def user_error(error: BaseException) -> Exception | None:
