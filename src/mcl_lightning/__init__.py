@@ -3,6 +3,9 @@
 Public API::
 
     from mcl_lightning import OKDSystem, PeerNetwork, MCLOKD, CIFARDataModule
+    from mcl_lightning.callbacks import NonFiniteLossGuard, LastCheckpoint  # the command line's callbacks
+
+``mcl_lightning.tools`` (benchmark, study, report) is the command line's tooling, not part of this API.
 """
 
 from mcl_lightning.data import CIFARDataModule
