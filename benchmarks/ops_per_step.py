@@ -16,7 +16,7 @@ Figures, per step:
 * ``aten_events``: every ``aten::`` event, the ops those dispatch to included (``aten::linear`` ->
   ``aten::t`` + ``aten::addmm``).
 
-The study's configuration is ``mcl_lightning.reproduce.FAST_PATH`` (what ``reproduce`` adds on a GPU)
+The study's configuration is ``mcl_lightning.tools.reproduce.FAST_PATH`` (what ``reproduce`` adds on a GPU)
 with ``trainer=gpu`` replaced by its CPU equivalent (bf16 autocast): the same ops as on the GPU up to
 the ones autocast treats differently on the two devices. ``--plain`` leaves the fast path out.
 Data: ``MCL_DATA_ROOT`` or ``../shared/data`` (``--data-root``).
@@ -86,7 +86,7 @@ def count_ops(experiment: str, overrides: list[str], warmup: int = 3, steps: int
         cfg = compose("train", overrides=[f"experiment={experiment}", *overrides, *fixed])
     L.seed_everything(0, verbose=False)
     with tempfile.TemporaryDirectory() as tmp:
-        datamodule, system, trainer, _ = build(cfg, Path(tmp), None)
+        datamodule, system, trainer = build(cfg, Path(tmp), None)
         probe = _StepProfiler(warmup, steps)
         trainer.callbacks.append(probe)
         trainer.fit(system, datamodule=datamodule)

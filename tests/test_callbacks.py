@@ -92,11 +92,36 @@ def test_build_callbacks_fills_the_checkpoint_folder_and_leaves_out_what_cannot_
     (["+callbacks.stop._target_=lightning.pytorch.callbacks.EarlyStoping"],
      "does not import; did you mean lightning.pytorch.callbacks.EarlyStopping?"),
     (["+callbacks.stop._target_=torch.nn.Linear"], "is not a Lightning callback"),
+    (["+callbacks.early_stopping.patience=3"], "add the shipped one with callbacks=[default,early_stopping]"),
 ])
 def test_a_callback_mistake_is_one_clear_message(overrides, expected):
     with pytest.raises(ConfigError) as raised:
         check_callbacks(composed(*overrides))
     assert expected in str(raised.value)
+
+
+def make_early_stopping(patience: int) -> EarlyStopping:  # a factory as a _target_
+    return EarlyStopping(MONITOR, mode="max", patience=patience)
+
+
+def test_a_factory_function_is_a_target_and_its_result_is_checked(tmp_path):
+    cfg = composed(f"+callbacks.stop._target_=test_callbacks.make_early_stopping", "+callbacks.stop.patience=2")
+    check_callbacks(cfg)
+    assert build_callbacks(cfg, tmp_path, with_logger=True)[-1].patience == 2
+    with pytest.raises(ConfigError, match="callbacks.bad builds Identity, not a Lightning callback"):
+        build_callbacks(composed("+callbacks.bad._target_=torch.nn.Identity"), tmp_path, with_logger=True)
+
+
+def test_checkpointing_is_the_configs_or_none(tmp_path, data_root):
+    from mcl_lightning.runtime.validation import check_config
+    from mcl_lightning.train import build
+
+    trainer = build(composed("callbacks=none", "logger=none", f"data.root={data_root}"), tmp_path, None)[2]
+    assert trainer.checkpoint_callbacks == []  # Lightning added no ModelCheckpoint of its own
+    off = build_callbacks(composed("++trainer.enable_checkpointing=false"), tmp_path, with_logger=True)
+    assert not any(isinstance(c, (BestCheckpoint, LastCheckpoint)) for c in off)
+    with pytest.raises(ConfigError, match=r"trainer.callbacks is built by the command line .* callbacks.<name>="):
+        check_config(composed("++trainer.callbacks=[]", f"data.root={data_root}"))
 
 
 def test_the_shipped_callback_configs_pass_the_check():

@@ -96,7 +96,7 @@ def train_counting_reads(tmp_path: Path, data_root: Path, monkeypatch: pytest.Mo
             f"trainer.log_every_n_steps={LOG_EVERY}", "trainer.enable_progress_bar=true",
             f"logger.csv.save_dir={tmp_path}", f"logger.tensorboard.save_dir={tmp_path}", *overrides])
     L.seed_everything(0, verbose=False)
-    datamodule, system, trainer, _ = build(cfg, tmp_path, None)
+    datamodule, system, trainer = build(cfg, tmp_path, None)
     reads = HostReads()
     trainer.callbacks.insert(0, _Window(reads, opens=True))
     trainer.callbacks.append(_Window(reads, opens=False))

@@ -1,10 +1,11 @@
 """The library's Lightning callbacks: what ``python -m mcl_lightning.train`` adds to its Trainer
 (``conf/callbacks/default.yaml``), for any Lightning project's own Trainer.
 
-    from mcl_lightning.callbacks import (BestCheckpoint, LastCheckpoint, LossTermsProgressBar,
+    from mcl_lightning.callbacks import (AtomicCheckpointIO, BestCheckpoint, LastCheckpoint, LossTermsProgressBar,
                                          NonFiniteLossGuard, TrainThroughput)
     trainer = L.Trainer(callbacks=[NonFiniteLossGuard(), BestCheckpoint(dirpath="ckpt", monitor=MONITOR, mode="max"),
-                                   LastCheckpoint("ckpt", every_n_steps=500), TrainThroughput(), LossTermsProgressBar()])
+                                   LastCheckpoint("ckpt", every_n_steps=500), TrainThroughput(), LossTermsProgressBar()],
+                        plugins=[AtomicCheckpointIO()])
 
 - ``NonFiniteLossGuard``: stops the run with ``NonFiniteLossError`` (naming the step, epoch, batch and
   loss term) when a loss term is NaN or infinite, before that state reaches a checkpoint. It reads the
@@ -13,6 +14,8 @@
   ``every_n_steps`` optimizer steps and on SIGTERM (the step finishes, the checkpoint is written, the
   run stops): relaunching with ``ckpt_path=<dirpath>/last.ckpt`` continues it. List it after
   ``BestCheckpoint`` so that its state includes the best score.
+- ``AtomicCheckpointIO`` (a Trainer plugin, not a callback): every checkpoint is written to a temporary
+  file and renamed, so a process killed while writing leaves the previous checkpoint whole.
 - ``BestCheckpoint``: Lightning's ``ModelCheckpoint`` that, in a run stopped before its first
   validation, says once that there is no best checkpoint yet instead of warning each step.
 - ``TrainThroughput(warmup_steps=...)``: training images/s over the fit, validation excluded, with two
@@ -30,7 +33,7 @@
 from __future__ import annotations
 
 from mcl_lightning.core.errors import NonFiniteLossError
-from mcl_lightning.runtime.checkpointing import BestCheckpoint, LastCheckpoint, Preempted
+from mcl_lightning.runtime.checkpointing import AtomicCheckpointIO, BestCheckpoint, LastCheckpoint, Preempted
 from mcl_lightning.runtime.guards import NonFiniteLossGuard
 from mcl_lightning.runtime.history import RunHistory
 from mcl_lightning.runtime.progress import LossTermsProgressBar
@@ -40,6 +43,7 @@ from mcl_lightning.system import MONITOR
 
 __all__ = [
     "MONITOR",
+    "AtomicCheckpointIO",
     "BestCheckpoint",
     "LastCheckpoint",
     "LossTermsProgressBar",

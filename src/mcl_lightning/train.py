@@ -22,6 +22,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
 from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
@@ -62,7 +63,11 @@ def build(cfg: DictConfig, run_dir: Path, ckpt_path: Path | None) -> tuple[Any, 
     loggers = build_loggers(cfg.get("logger"), history.logger_overrides(meta))
     history.restore_rows(loggers, meta)
     callbacks = build_callbacks(cfg, checkpoint_dir, with_logger=bool(loggers))  # conf/callbacks/
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()])
+    # Without a checkpoint callback (callbacks=none) Lightning would add its own ModelCheckpoint, outside the run's
+    # checkpoints/ folder and unknown to ckpt_path=last and results.json: checkpointing is the config's, or none.
+    checkpointing = any(isinstance(c, Checkpoint) for c in callbacks)
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()],
+                          enable_checkpointing=checkpointing)
     if trainer.is_global_zero:
         log_config(loggers, OmegaConf.to_container(cfg, resolve=True))
     validation.check_batch_divides(datamodule.batch_size, trainer.world_size)  # before DDP starts its processes

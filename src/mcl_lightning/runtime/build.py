@@ -9,7 +9,7 @@ from typing import Any
 
 import lightning as L
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
+from lightning.pytorch.callbacks import Checkpoint, LearningRateMonitor, ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 from mcl_lightning.core.errors import ConfigError
@@ -43,21 +43,25 @@ def schedule_options(cfg: DictConfig) -> dict[str, Any]:
 
 def build_callbacks(cfg: DictConfig, checkpoint_dir: Path, with_logger: bool) -> list[L.Callback]:
     """``cfg.callbacks`` (conf/callbacks/) in order; a null entry is one removed. A checkpoint callback
-    with ``dirpath: null`` writes into ``checkpoint_dir``. A learning-rate monitor needs a logger and a
-    progress bar a shown bar: without them they are left out (Lightning would refuse the run)."""
+    with ``dirpath: null`` writes into ``checkpoint_dir``. A learning-rate monitor needs a logger, a
+    progress bar a shown bar and a checkpoint callback ``trainer.enable_checkpointing``: without them
+    they are left out (Lightning would refuse the run)."""
     callbacks = []
     show_bar = cfg.trainer.get("enable_progress_bar", True)
+    checkpointing = cfg.trainer.get("enable_checkpointing", True)
     for name, options in (cfg.get("callbacks") or {}).items():
         if options is None:
             continue
         extra = {"dirpath": checkpoint_dir} if "dirpath" in options and options.dirpath is None else {}
         callback = instantiate(options, **extra)
         if not isinstance(callback, L.Callback):
-            raise ConfigError(f"callbacks.{name} builds a {type(callback).__name__}, not a Lightning callback: "
-                              f"give callbacks.{name}._target_ a lightning.pytorch.Callback class")
+            raise ConfigError(f"callbacks.{name} builds {type(callback).__name__}, not a Lightning callback: "
+                              f"give callbacks.{name}._target_ a lightning.pytorch.Callback class (or a function returning one)")
         if isinstance(callback, LearningRateMonitor) and not with_logger:
             continue
         if isinstance(callback, ProgressBar) and not show_bar:
+            continue
+        if isinstance(callback, Checkpoint) and not checkpointing:
             continue
         callbacks.append(callback)
     return callbacks

@@ -102,6 +102,11 @@ def check_callbacks(cfg: DictConfig) -> None:
             if close:
                 raise ConfigError(f"unknown callback callbacks.{name}; did you mean callbacks.{close[0]}? "
                                   f"The run's callbacks: {', '.join(named)}")
+            shipped = sorted(p.name[:-5] for p in (resources.files("mcl_lightning.conf") / "callbacks").iterdir()
+                             if p.name.endswith(".yaml") and p.name[:-5] not in ("default", "none"))
+            if str(name) in shipped:
+                raise ConfigError(f"callbacks.{name} is not in this run's callbacks; add the shipped one with "
+                                  f"callbacks=[default,{name}] (then callbacks.{name}.<argument>=... sets it)")
             raise ConfigError(f"callbacks.{name} needs a _target_, the callback's class: e.g. "
                               f"+callbacks.{name}._target_=lightning.pytorch.callbacks.EarlyStopping "
                               f"(or ~callbacks.{name} to remove it)")
@@ -112,15 +117,17 @@ def check_callbacks(cfg: DictConfig) -> None:
             raise ConfigError(f"callbacks.{name}._target_={target} does not import; {import_hint(str(target))}"
                               "give the full path of a Lightning callback class, e.g. "
                               "lightning.pytorch.callbacks.EarlyStopping") from None
-        if not (isinstance(cls, type) and issubclass(cls, lightning.Callback)):
+        # a class must be a Callback; a factory function is checked on what it returns (runtime/build.py)
+        if not callable(cls) or isinstance(cls, type) and not issubclass(cls, lightning.Callback):
             raise ConfigError(f"callbacks.{name}._target_={target} is not a Lightning callback "
-                              "(a subclass of lightning.pytorch.Callback)")
+                              "(a subclass of lightning.pytorch.Callback, or a function returning one)")
         params = inspect.signature(cls).parameters
         if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
             continue
         unknown = [key for key in options if not str(key).startswith("_") and key not in params]
         if unknown:
-            raise unknown_option(f"callbacks.{name}", str(unknown[0]), [p for p in params if p != "self"], cls.__name__)
+            raise unknown_option(f"callbacks.{name}", str(unknown[0]), [p for p in params if p != "self"],
+                                 getattr(cls, "__name__", str(target)))
 
 
 def import_hint(target: str) -> str:

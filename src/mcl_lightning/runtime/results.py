@@ -97,8 +97,7 @@ def run_results(cfg: Any, system: Any, trainer: Any, datamodule: Any, error: Exc
     from mcl_lightning.runtime.guards import NonFiniteLossGuard                  # neither Lightning nor torch
 
     callbacks = list(getattr(trainer, "callbacks", []))
-    summaries = {c.results_key: c.summary(trainer, datamodule) for c in callbacks
-                 if isinstance(getattr(c, "results_key", None), str)}
+    summaries = callback_summaries(callbacks, trainer, datamodule)
     last_cb = next((c for c in callbacks if isinstance(c, LastCheckpoint)), None)
     best_cb = next((c for c in callbacks if isinstance(c, BestCheckpoint)), None)
     guard = next((c for c in callbacks if isinstance(c, NonFiniteLossGuard)), None)
@@ -136,6 +135,24 @@ def run_results(cfg: Any, system: Any, trainer: Any, datamodule: Any, error: Exc
         details = getattr(error, "failure", None) or getattr(guard, "failure", None) or {}
         results["failure"] = {**details, "message": str(error)}
     return results
+
+
+def callback_summaries(callbacks: list[Any], trainer: Any, datamodule: Any) -> dict[str, Any]:
+    """``{results_key: summary(trainer, datamodule)}`` of the callbacks that have both; one that fails is
+    logged and left out (a callback's summary must not cost the run its results.json)."""
+    import logging
+
+    summaries = {}
+    for callback in callbacks:
+        key, summary = getattr(callback, "results_key", None), getattr(callback, "summary", None)
+        if not isinstance(key, str) or not callable(summary):
+            continue
+        try:
+            summaries[key] = summary(trainer, datamodule)
+        except Exception as error:
+            logging.getLogger("mcl_lightning").warning("results.json: %s.summary failed (%s: %s); %r left out",
+                                                       type(callback).__name__, type(error).__name__, error, key)
+    return summaries
 
 
 def objective(results: dict[str, Any]) -> float:

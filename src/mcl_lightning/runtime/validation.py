@@ -61,6 +61,10 @@ def check_config(cfg: DictConfig) -> None:
         value = cfg.trainer.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
             raise ConfigError(f"trainer.{key} must be a number, got {value!r} (e.g. trainer.{key}=10)")
+    for key, instead in (("callbacks", "callbacks.<name>=... (conf/callbacks/)"), ("logger", "logger=<name> (conf/logger/)"),
+                         ("plugins", "the Python API (mcl_lightning.callbacks, OKDSystem)")):
+        if key in cfg.trainer:  # the entry point builds these itself: a value here would be silently replaced
+            raise ConfigError(f"trainer.{key} is built by the command line from the config; use {instead}")
     check_every_n_steps(cfg.get("checkpoint", {}).get("every_n_steps", 0))
     check_callbacks(cfg)
     check_data_root(cfg.data.get("root"))

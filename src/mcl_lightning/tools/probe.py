@@ -2,7 +2,7 @@
 
 * Level 1 runs each recipe alone, one after another; level c runs c jobs at once, the recipes in turn
   (``study.probe_slots``). Every job is timed over the same window as the others of its level
-  (``runtime.probe_window``): ``steps`` steps after a barrier that all c jobs reach first.
+  (``tools.probe_window``): ``steps`` steps after a barrier that all c jobs reach first.
 * The concurrency gain compares like with like: the total images/s of level c's jobs against the same
   jobs run one at a time at level 1's speeds (each training the same number of images).
 * By default (``levels=None``) only the levels that can change the plan are probed: 1, and the largest
@@ -36,7 +36,8 @@ def probe_level(out: Path, concurrency: int, experiments: list[str], overrides: 
     """One probe level: its jobs' images/s over their common window, the total and its gain."""
     slots = list(experiments) if concurrency == 1 else probe_slots(experiments, concurrency)
     folder = out / "probe" / f"c{concurrency}"
-    window = ["+callbacks.probe_window._target_=mcl_lightning.tools.probe_window.ProbeWindow",
+    window = ["++callbacks.throughput._target_=mcl_lightning.callbacks.TrainThroughput",  # read below, even if removed
+              "+callbacks.probe_window._target_=mcl_lightning.tools.probe_window.ProbeWindow",
               f"+callbacks.probe_window.dir={folder.with_suffix('.window')}", f"+callbacks.probe_window.jobs={concurrency}",
               f"+callbacks.probe_window.steps={steps}", f"+callbacks.probe_window.warmup={WARMUP}"]
     probe = merged(overrides, [f"trainer.max_steps={WARMUP + 50 * steps}", *PROBE, *window, max_time(cap_s)])

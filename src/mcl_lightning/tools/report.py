@@ -32,7 +32,7 @@ from mcl_lightning.tools.sweep_report import optuna_sweeper, sweep_report
 
 # Config keys that say where or how often, not what was trained: never part of a row's identity.
 IGNORED_KEYS = ("seed", "ckpt_path", "data.root", "data.num_workers", "data.download", "trainer.enable_progress_bar",
-                "trainer.logger", "trainer.callbacks", "trainer.log_every_n_steps", "reference", "logger",
+                "trainer.log_every_n_steps", "reference", "logger",
                 "checkpoint.every_n_steps",
                 # the default callbacks record and save, they do not change training (an added one, such as
                 # early stopping or SWA, does: it stays part of the identity)
