@@ -90,7 +90,8 @@ def run_results(cfg: Any, system: Any, trainer: Any, datamodule: Any, error: Exc
 
     The checkpoints are the trainer's ``LastCheckpoint`` and ``BestCheckpoint`` (None where the run has
     none); a callback with a ``results_key`` adds ``results[results_key] = callback.summary(trainer,
-    datamodule)`` (``TrainThroughput``: "throughput"; a study's ``ProbeWindow``: "probe_window").
+    datamodule)`` (``TrainThroughput``: "throughput"; a study's ``ProbeWindow``: "probe_window"), unless
+    results.json has that key already (``status``, ``config``, ...: those are kept).
     ``wall_time_s``: this process's time from start to results (a resumed run: since the relaunch).
     """
     from mcl_lightning.runtime.checkpointing import BestCheckpoint, LastCheckpoint  # here: report/evaluate need
