@@ -126,3 +126,12 @@ def test_a_bad_flag_from_the_command_line_is_the_same_one_line_error():
     with pytest.raises(Exception) as error:
         build_network(cfg)
     assert str(user_error(error.value)) == "method.logit_kd_detach_teacher must be true or false, got 'yes'"
+
+
+@pytest.mark.parametrize("method, option", [("okddip", "detach_targets"), ("mcl_okd", "negatives_with_replacement")])
+def test_every_on_off_method_option_refuses_a_string(method, option):
+    """OKDDip's and MCL-OKD's on/off options take true/false only, as mutual CL's do."""
+    cfg = _compose([f"method={method}", "backbone=resnet20", f"method.{option}=no"])
+    with pytest.raises(Exception) as error:
+        build_network(cfg)
+    assert str(user_error(error.value)) == f"method.{option} must be true or false, got 'no'"

@@ -31,7 +31,8 @@ from mcl_lightning.methods.losses import cross_entropy_per_peer, distill_kl
 from mcl_lightning.models.heads import ProjectionHead
 from mcl_lightning.models.contract import PeerOutput, PeerSpec
 from mcl_lightning.core.registry import check_choice
-from mcl_lightning.methods.options import check_kd_options, check_momentum, check_positive, check_projection_dim
+from mcl_lightning.methods.options import (check_flags, check_kd_options, check_momentum, check_positive,
+                                          check_projection_dim)
 
 TEACHER_TARGETS = ("last", "all")
 BANK_SCORING = ("auto", "gather", "dense")
@@ -92,6 +93,7 @@ class MCLOKD(OKDMethod):
         check_kd_options(kd_temperature, gamma=gamma, alpha=alpha, beta=beta)
         check_projection_dim(projection_dim)
         check_momentum(bank_momentum)
+        check_flags(negatives_with_replacement=negatives_with_replacement)  # bool("false") would be True
         self.tau, self.eps, self.kd_temperature = tau, eps, kd_temperature
         self.online_teacher_targets = online_teacher_targets
         self.gamma, self.alpha, self.beta = gamma, alpha, beta

@@ -28,7 +28,7 @@ from mcl_lightning.core.errors import ConfigError
 from mcl_lightning.methods.base import OKDMethod, register_method
 from mcl_lightning.methods.losses import cross_entropy_per_peer, distill_kl
 from mcl_lightning.methods.one import sigmoid_rampup
-from mcl_lightning.methods.options import check_kd_options
+from mcl_lightning.methods.options import check_flags, check_kd_options
 from mcl_lightning.models.contract import PeerLayout, PeerOutput, PeerSpec
 
 
@@ -66,11 +66,12 @@ class OKDDip(OKDMethod):
     ) -> None:
         super().__init__()
         check_kd_options(kd_temperature, rampup_epochs, ce_weight=ce_weight, kd_weight=kd_weight)
+        check_flags(detach_targets=detach_targets)  # bool("false") would be True
         if int(attention_factor) != attention_factor or attention_factor < 1:
             raise ConfigError(f"method.attention_factor must be an integer >= 1, got {attention_factor}")
         self.kd_temperature, self.ce_weight, self.kd_weight = kd_temperature, ce_weight, kd_weight
         self.rampup_epochs, self.attention_factor = rampup_epochs, int(attention_factor)
-        self.detach_targets = bool(detach_targets)
+        self.detach_targets = detach_targets
 
     def build(self, spec: PeerSpec) -> None:
         channels = spec.feature_dims[0]
