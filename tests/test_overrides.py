@@ -22,10 +22,11 @@ def composed(overrides: list[str]):
         return compose("train", overrides=list(overrides))
 
 
-def test_the_perf_options_pass_the_option_check():
+def test_the_perf_and_optim_options_pass_the_option_check():
     """(test_train.py and test_experiments.py check every other group option and every recipe as they compose them.)"""
-    for path in sorted((CONF / "perf").glob("*.yaml")):
-        check_group_options(composed([f"perf={path.stem}"]))
+    for group in ("perf", "optim"):
+        for path in sorted((CONF / group).glob("*.yaml")):
+            check_group_options(composed([f"{group}={path.stem}"]))
 
 
 def test_recipes_are_every_experiment_file():
@@ -40,10 +41,13 @@ def test_recipes_are_every_experiment_file():
     ("+data.batchsize=3", ["CIFARDataModule has no option 'batchsize'", "did you mean data.batch_size?"]),
     ("+perf.fuse=true", ["did you mean perf.fuse_peers?"]),
     ("+trainer.max_epoch=3", ["Trainer has no option 'max_epoch'", "did you mean trainer.max_epochs?"]),
+    ("+optim.lrr=0.1", ["the optim group with SGD has no option 'lrr'", "did you mean optim.lr?"]),
+    ("optim=adamw +optim.momentum=0.9", ["the optim group with AdamW has no option 'momentum'",
+                                          "optim's options: lr, weight_decay, betas, scheduler"]),
 ])
 def test_an_unknown_group_option_names_the_groups_options(override, fragments):
     with pytest.raises(ConfigError) as caught:
-        check_group_options(composed([override]))
+        check_group_options(composed(override.split()))
     for fragment in fragments:
         assert fragment in str(caught.value)
 

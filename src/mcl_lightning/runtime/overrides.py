@@ -2,7 +2,7 @@
 
 - ``trainer.<name>=`` takes any argument of Lightning's ``Trainer`` (``accept_trainer_args`` turns one
   that ``conf/trainer/`` does not list into Hydra's ``++trainer.<name>=``, add or override);
-- an unknown option of the method, backbone, data, perf or trainer group (``method.nce=64``, or
+- an unknown option of the method, backbone, data, perf, trainer or optim group (``method.nce=64``, or
   ``+method.nce=64``) lists that group's real options with the closest one (``check_group_options``),
   and so does an unknown argument of a callback (``callbacks.early_stopping.patiense=5``: ``check_callbacks``);
   Hydra's own "Could not override" error is answered by composing once more with the option added
@@ -33,7 +33,8 @@ from mcl_lightning.runtime.perf import PerfOptions
 
 # What conf/train.yaml's `model` reads of the backbone group (the rest of a backbone is its registry name).
 BACKBONE_OPTIONS = ("name", "branch_point", "library", "pretrained")
-CHECKED_GROUPS = ("method", "backbone", "data", "perf", "trainer")
+CHECKED_GROUPS = ("method", "backbone", "data", "perf", "trainer", "optim")
+PARTIALS = ("optimizer", "lr_scheduler")  # conf/optim/: the two partials; the scalars are what they read
 
 
 def accept_trainer_args(args: Sequence[str]) -> list[str]:
@@ -56,6 +57,8 @@ def group_options(cfg: DictConfig, group: str) -> tuple[list[str], str] | None:
         return list(BACKBONE_OPTIONS), "the backbone group"
     if group == "perf":
         return [f.name for f in fields(PerfOptions)], "perf"
+    if group == "optim":
+        return optim_options(cfg.optim)
     target = cfg[group].get("_target_")
     if not target:
         return None
@@ -69,8 +72,19 @@ def group_options(cfg: DictConfig, group: str) -> tuple[list[str], str] | None:
     return [name for name in params if name != "self"], cls.__name__
 
 
+def optim_options(node: DictConfig) -> tuple[list[str], str] | None:
+    """The optim group's options: the scalars its partials read (``${..lr}``), and the partials themselves."""
+    if not all(OmegaConf.is_dict(node.get(name)) for name in PARTIALS):
+        return None
+    raw = str(OmegaConf.to_container(OmegaConf.masked_copy(node, list(PARTIALS)), resolve=False))
+    read = set(re.findall(r"\$\{\.\.(\w+)\}", raw))
+    options = [key for key in node if key in read] + list(PARTIALS)
+    optimizer = str(node.optimizer.get("_target_", "the optimizer")).rpartition(".")[2]
+    return options, f"the optim group with {optimizer}"
+
+
 def check_group_options(cfg: DictConfig) -> None:
-    """Every key of the method, backbone, data, perf and trainer groups is an option of that group."""
+    """Every key of the method, backbone, data, perf, trainer and optim groups is an option of that group."""
     for group in CHECKED_GROUPS:
         node = cfg.get(group)
         if not OmegaConf.is_dict(node):
