@@ -93,6 +93,14 @@ def test_build_callbacks_fills_the_checkpoint_folder_and_leaves_out_what_cannot_
      "does not import; did you mean lightning.pytorch.callbacks.EarlyStopping?"),
     (["+callbacks.stop._target_=torch.nn.Linear"], "is not a Lightning callback"),
     (["+callbacks.early_stopping.patience=3"], "add the shipped one with callbacks=[default,early_stopping]"),
+    (["callbacks.best_checkpoint.monitor=val/bestpeer/top1"],
+     "callbacks.best_checkpoint.monitor=val/bestpeer/top1 is not a metric the run logs; did you mean val/best_peer/top1?"),
+    (["peers=2", "callbacks=[default,early_stopping]", "callbacks.early_stopping.monitor=val/peer2/top1"],
+     "did you mean val/peer1/top1?"),
+    (["+callbacks.stop._target_=lightning.pytorch.callbacks.EarlyStopping"],
+     "callbacks.stop (EarlyStopping) needs monitor: e.g. +callbacks.stop.monitor=... (the run's metric: val/best_peer/top1)"),
+    (["callbacks.last_checkpoint.every_n_steps=-1"], "callbacks.last_checkpoint.every_n_steps must be an integer >= 0"),
+    (["+callbacks.flat=3"], "callbacks.flat=3 is not a callback: each entry of callbacks is a mapping with a _target_"),
 ])
 def test_a_callback_mistake_is_one_clear_message(overrides, expected):
     with pytest.raises(ConfigError) as raised:
@@ -124,6 +132,15 @@ def test_checkpointing_is_the_configs_or_none(tmp_path, data_root):
         check_config(composed("++trainer.callbacks=[]", f"data.root={data_root}"))
 
 
+def test_a_checkpoint_listed_before_the_best_one_is_warned_about(tmp_path):
+    trainer = L.Trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=1, accelerator="cpu", logger=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[LastCheckpoint(tmp_path), BestCheckpoint(dirpath=tmp_path, monitor=MONITOR, mode="max")])
+    system = OKDSystem(PeerNetwork.from_backbone("resnet8", num_peers=2, num_classes=10), DML())
+    with pytest.warns(UserWarning, match="LastCheckpoint is listed before a ModelCheckpoint"):
+        trainer.fit(system, train_dataloaders=pairs(8), val_dataloaders=pairs(8))
+
+
 def test_the_shipped_callback_configs_pass_the_check():
     check_callbacks(composed("callbacks=[default,early_stopping]"))
     check_callbacks(composed("callbacks=none"))
@@ -141,7 +158,7 @@ def test_a_callback_is_added_and_others_removed_on_the_command_line(tmp_path, da
     import json
 
     results = json.loads((run_dir / "results.json").read_text())
-    assert results["epochs_run"] == 1 and results["throughput"] is None
+    assert results["epochs_run"] == 1 and results["throughput"] is None and results["stopped_by"] == "early_stopping"
     assert results["checkpoints"]["last"] is None and results["checkpoints"]["best"]
     assert not (run_dir / "checkpoints" / "last.ckpt").exists()
 

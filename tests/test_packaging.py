@@ -78,7 +78,7 @@ def python_examples() -> str:
 def test_python_examples_run(tmp_path, data_root):
     code = python_examples()
     fast = ("L.Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1, limit_test_batches=1, "
-            f"default_root_dir={str(tmp_path)!r}, enable_progress_bar=False, logger=False)")
+            f"default_root_dir={str(tmp_path)!r}, enable_progress_bar=False)")  # Lightning's default logger: as written
     assert code.count("L.Trainer(max_epochs=300)") == 2
     code = code.replace("L.Trainer(max_epochs=300)", fast).replace('"/path/to/data"', repr(str(data_root)))
     code += "\nassert type(deployed).__name__ == 'StagedBackbone'\nprint('examples ok')\n"

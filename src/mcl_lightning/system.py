@@ -25,12 +25,11 @@ from mcl_lightning.runtime.checkpointing import incompatible, read_checkpoint, s
 from mcl_lightning.runtime.optim import (
     SCHEDULES, OptimizerFactory, SchedulerFactory, check_sgd, epoch_schedule, lightning_schedule, reference_sgd,
     schedule_record)
-from mcl_lightning.runtime.metrics import PeerMetrics
+from mcl_lightning.runtime.metrics import MONITOR, PeerMetrics  # noqa: F401 (MONITOR: system.MONITOR, as before)
 from mcl_lightning.models.contract import PeerOutput
 from mcl_lightning.models.peers import PeerNetwork
 from mcl_lightning.core.spec import build_method, method_spec
 
-MONITOR = "val/best_peer/top1"  # checkpoints select on the best peer's validation top-1
 
 
 def _kind(value: Any) -> str:

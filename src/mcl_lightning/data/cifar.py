@@ -106,6 +106,9 @@ class CIFARDataModule(OKDDataModule):
                               f"has {self.spec.num_classes} classes; set data.num_classes={self.spec.num_classes}.")
         check_val_split(val_split)
         root = None if root is None else os.fspath(root)  # plain str keeps hparams YAML-friendly
+        # the class count as the system records it: Lightning refuses to log a DataModule's num_classes=None
+        # beside OKDSystem's 100 ("Error while merging hparams")
+        num_classes = self.spec.num_classes
         self.save_hyperparameters()
         self.root, self.dataset = root, dataset
         self.val_split, self.split_seed = val_split, split_seed

@@ -159,7 +159,8 @@ class ImageNetDataModule(OKDDataModule):
         if classes is not None and not isinstance(classes, (int, str, os.PathLike)):
             classes = [str(c) for c in classes]  # a list or a ListConfig from Hydra
         root = None if root is None else os.fspath(root)
-        self.save_hyperparameters()
+        # num_classes=None (count the folders) is left out: Lightning refuses to log it beside OKDSystem's count
+        self.save_hyperparameters(ignore=["num_classes"] if num_classes is None else None)
         self.root, self._num_classes, self.classes_option = root, num_classes, classes
         self.train_fraction, self.image_size, self.resize_size = float(train_fraction), image_size, resize_size
         self.decode, self.verify_images, self.val_split, self.split_seed = decode, verify_images, val_split, split_seed

@@ -29,7 +29,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -93,10 +93,10 @@ class Preempted(SIGTERMException):
         self.checkpoint, self.epoch, self.step = checkpoint, epoch, step
 
 
-def check_every_n_steps(every_n_steps: Any) -> None:
-    """``checkpoint.every_n_steps``: an integer >= 0 (the config's early checks and ``LastCheckpoint``)."""
+def check_every_n_steps(every_n_steps: Any, key: str = "checkpoint.every_n_steps") -> None:
+    """``every_n_steps`` of ``LastCheckpoint``: an integer >= 0 (the config's early checks and the callback)."""
     if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 0:
-        raise ConfigError(f"checkpoint.every_n_steps must be an integer >= 0 (0: epoch ends only), got {every_n_steps!r}")
+        raise ConfigError(f"{key} must be an integer >= 0 (0: epoch ends only), got {every_n_steps!r}")
 
 
 class LastCheckpoint(Checkpoint):
@@ -122,6 +122,12 @@ class LastCheckpoint(Checkpoint):
     @property
     def path(self) -> Path:
         return self.dirpath / LAST
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        later = trainer.callbacks[trainer.callbacks.index(self) + 1:] if self in trainer.callbacks else []
+        if stage == "fit" and any(isinstance(c, ModelCheckpoint) for c in later):
+            rank_zero_warn(f"{type(self).__name__} is listed before a ModelCheckpoint: {LAST} will not hold the "
+                           "best score or path; list it after the ModelCheckpoint (BestCheckpoint)")
 
     # -- SIGTERM ------------------------------------------------------------------------------
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -73,3 +73,12 @@ class PeerMetrics(nn.Module):
             metric.reset()
         self.ensemble.reset()
         self.num_images.reset()
+
+
+MONITOR = "val/best_peer/top1"  # checkpoints select on the best peer's validation top-1
+
+
+def validation_metrics(num_peers: int) -> list[str]:
+    """The names OKDSystem logs after each validation (``PeerMetrics.compute`` under ``val/``)."""
+    groups = [f"peer{i}" for i in range(num_peers)] + ["peer_mean", "ensemble"]
+    return [MONITOR, *(f"val/{g}/top{k}" for g in groups for k in (1, 5)), "val/num_images"]

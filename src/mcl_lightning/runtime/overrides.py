@@ -29,6 +29,8 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 from mcl_lightning.core.errors import ConfigError
+from mcl_lightning.runtime.checkpointing import LastCheckpoint, check_every_n_steps
+from mcl_lightning.runtime.metrics import MONITOR, validation_metrics
 from mcl_lightning.runtime.perf import PerfOptions
 
 # What conf/train.yaml's `model` reads of the backbone group (the rest of a backbone is its registry name).
@@ -109,7 +111,11 @@ def check_callbacks(cfg: DictConfig) -> None:
     for name, options in node.items():
         if options is None:
             continue
-        target = options.get("_target_") if OmegaConf.is_dict(options) else None
+        if not OmegaConf.is_dict(options):
+            raise ConfigError(f"callbacks.{name}={options} is not a callback: each entry of callbacks is a mapping "
+                              "with a _target_, and a file in conf/callbacks/ nests it under the callback's name "
+                              "(as early_stopping.yaml: `early_stopping:` then `_target_: ...`)")
+        target = options.get("_target_")
         if not target:
             named = [str(n) for n, o in node.items() if n != name and OmegaConf.is_dict(o) and o.get("_target_")]
             close = difflib.get_close_matches(str(name), named, n=1, cutoff=0.6)
@@ -135,13 +141,39 @@ def check_callbacks(cfg: DictConfig) -> None:
         if not callable(cls) or isinstance(cls, type) and not issubclass(cls, lightning.Callback):
             raise ConfigError(f"callbacks.{name}._target_={target} is not a Lightning callback "
                               "(a subclass of lightning.pytorch.Callback, or a function returning one)")
+        monitor = options.get("monitor")
+        if isinstance(monitor, str):
+            peers = cfg.get("peers")
+            check_monitor(f"callbacks.{name}.monitor", monitor, peers if isinstance(peers, int) else len(peers or []))
+        if "every_n_steps" in options and isinstance(cls, type) and issubclass(cls, LastCheckpoint):
+            check_every_n_steps(options.every_n_steps, key=f"callbacks.{name}.every_n_steps")
         params = inspect.signature(cls).parameters
+        owner = getattr(cls, "__name__", str(target))
+        required = [p.name for p in params.values() if p.default is inspect.Parameter.empty and p.name != "self"
+                    and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+        missing = [p for p in required if p not in options]
+        if missing:
+            raise ConfigError(f"callbacks.{name} ({owner}) needs {', '.join(missing)}: e.g. "
+                              f"+callbacks.{name}.{missing[0]}=..." + (f" (the run's metric: {MONITOR})"
+                                                                       if missing[0] == "monitor" else ""))
         if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
             continue
         unknown = [key for key in options if not str(key).startswith("_") and key not in params]
         if unknown:
-            raise unknown_option(f"callbacks.{name}", str(unknown[0]), [p for p in params if p != "self"],
-                                 getattr(cls, "__name__", str(target)))
+            raise unknown_option(f"callbacks.{name}", str(unknown[0]), [p for p in params if p != "self"], owner)
+
+
+def check_monitor(key: str, monitor: str, num_peers: int) -> None:
+    """A ``val/...`` metric a callback watches is one the run logs (a typo would surface only after the
+    first epoch, as Lightning's error or a checkpoint never written)."""
+    if not monitor.startswith("val/"):
+        return  # train/... terms depend on the method; a user's own callback may log its own names
+    known = validation_metrics(num_peers)
+    if monitor not in known:
+        close = difflib.get_close_matches(monitor, known, n=1, cutoff=0.6)
+        guess = f"did you mean {close[0]}? " if close else ""
+        raise ConfigError(f"{key}={monitor} is not a metric the run logs; {guess}validation logs val/best_peer/top1, "
+                          "val/ensemble/top1, val/peer_mean/top1, val/peer<i>/top1 (and top5 of each but best_peer)")
 
 
 def import_hint(target: str) -> str:
@@ -195,9 +227,11 @@ def missing_config_message(error: MissingConfigException) -> str:
     choices, or for experiments the closest recipes."""
     missing = error.missing_cfg_file or ""
     group, _, value = missing.partition("/")
-    if not group or not (error.options or group == "experiment"):
+    # Hydra lists the options for `group=name`, not for a name inside a list (`callbacks=[default,x]`)
+    options = list(error.options or []) or group_files(group)
+    if not group or not (options or group == "experiment"):
         return " ".join(str(error).split())
-    choices = recipes() if group == "experiment" else list(error.options or [])
+    choices = recipes() if group == "experiment" else options
     close = difflib.get_close_matches(value, choices, n=5, cutoff=0.6)
     if group == "experiment":
         shown = (f"the closest: {', '.join(close)}" if close else
@@ -205,6 +239,14 @@ def missing_config_message(error: MissingConfigException) -> str:
         return f"unknown experiment {value!r}; {shown} (as experiment=<name>; conf/experiment/, docs/reproduction.md)"
     guess = f"did you mean {close[0]}? " if close else ""
     return f"unknown {group} {value!r}; {guess}choose one of: {', '.join(choices)} (as {group}=<name>)"
+
+
+def group_files(group: str) -> list[str]:
+    """The options of a config group shipped in conf/<group>/ (top level), or [] for no such group."""
+    folder = resources.files("mcl_lightning.conf") / group
+    if not group or "/" in group or not folder.is_dir():
+        return []
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
 def recipes() -> list[str]:

@@ -84,6 +84,17 @@ def max_time_stopped(trainer: Any) -> bool:
     return remaining is not None and remaining <= 0
 
 
+def early_stopped(trainer: Any) -> bool:
+    """Whether an ``EarlyStopping`` callback stopped this run's training."""
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    def stopped(callback: EarlyStopping) -> bool:  # stopped_epoch is 0 also when it stopped in epoch 0
+        reason = getattr(callback, "stopping_reason", None)  # Lightning >= 2.6
+        return callback.stopped_epoch > 0 or (reason is not None and reason.value != 0)
+
+    return any(isinstance(c, EarlyStopping) and stopped(c) for c in getattr(trainer, "callbacks", []))
+
+
 def run_results(cfg: Any, system: Any, trainer: Any, datamodule: Any, error: Exception | None = None,
                 wall_time_s: float | None = None) -> dict[str, Any]:
     """The results.json of a run (``status`` "finished", or "failed" with ``failure`` recorded).
@@ -131,6 +142,8 @@ def run_results(cfg: Any, system: Any, trainer: Any, datamodule: Any, error: Exc
     }
     if max_time_stopped(trainer):  # a study's time cap (trainer.max_time) ended training before max_epochs
         results["stopped_by"] = "trainer.max_time"
+    elif early_stopped(trainer):  # an EarlyStopping callback (callbacks=[default,early_stopping])
+        results["stopped_by"] = "early_stopping"
     results.update({key: value for key, value in summaries.items() if key not in results})
     if error is not None:
         details = getattr(error, "failure", None) or getattr(guard, "failure", None) or {}
