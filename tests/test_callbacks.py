@@ -52,6 +52,7 @@ def test_the_library_callbacks_under_a_plain_trainer(tmp_path):
     assert guard.failure is None
     summary = throughput.summary(trainer, None)
     assert summary["train_images_per_s"] > 0 and 0 < summary["timed_images"] <= 7 * 8  # 8 steps, 1 warm-up
+    assert (summary["train_dataset_size"], summary["val_dataset_size"]) == (32, 16)  # plain loaders' datasets
     saved = torch.load(last.path, map_location="cpu", weights_only=False)
     assert saved["global_step"] == 8 and saved["epoch"] == 1
 

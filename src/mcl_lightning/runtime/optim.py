@@ -49,7 +49,8 @@ def epoch_schedule(optimizer: torch.optim.Optimizer, kind: str = "cosine", max_e
     if kind == "multistep":
         return torch.optim.lr_scheduler.MultiStepLR(optimizer, [int(m) for m in milestones], gamma=gamma)
     if max_epochs is None or max_epochs < 1:
-        raise ConfigError(f"scheduler={kind} needs trainer.max_epochs >= 1 (the cosine period)")
+        raise ConfigError(f"scheduler={kind} needs trainer.max_epochs >= 1, the cosine period (in Python: "
+                          "L.Trainer(max_epochs=...), or OKDSystem(scheduler=...) with a schedule that needs none)")
     if kind == "cosine":  # the reference's expression, kept as it is: the bit-exact tests compare lrs
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 0.5 * (1.0 + math.cos(math.pi * e / max_epochs)))
     warmup = int(warmup_epochs)

@@ -61,9 +61,16 @@ class TrainThroughput(L.Callback):
 
     def summary(self, trainer: L.Trainer, datamodule: Any) -> dict[str, Any]:
         """Images/s (None when no span was timed) and what an epoch of this run holds."""
-        def size(name: str) -> int | None:
+        def size(name: str, loaders: Any) -> int | None:
+            """The library's DataModules name their sets; any other: the first loader's dataset, if sized."""
             dataset = getattr(datamodule, name, None)
-            return len(dataset) if dataset is not None else None
+            if dataset is None:
+                loader = loaders[0] if isinstance(loaders, (list, tuple)) and loaders else loaders
+                dataset = getattr(loader, "dataset", None)
+            try:
+                return len(dataset) if dataset is not None else None
+            except TypeError:  # an iterable dataset
+                return None
 
         batches = trainer.num_training_batches
         return {
@@ -72,6 +79,6 @@ class TrainThroughput(L.Callback):
             "timed_seconds": round(self.seconds, 3),
             "warmup_steps": self.warmup_steps,
             "train_batches_per_epoch": batches if isinstance(batches, int) else None,
-            "train_dataset_size": size("train_dataset"),
-            "val_dataset_size": size("val_dataset"),
+            "train_dataset_size": size("train_dataset", trainer.train_dataloader),
+            "val_dataset_size": size("val_dataset", trainer.val_dataloaders),
         }
