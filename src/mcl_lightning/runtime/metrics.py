@@ -8,6 +8,10 @@ from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 
+TOP_K = (1, 5)  # the accuracies every peer and the ensemble report (top-5 only with more than 5 classes)
+MONITOR = "val/best_peer/top1"  # checkpoints select on the best peer's validation top-1
+
+
 def _topk_collection(num_classes: int, top_k: tuple[int, ...]) -> MetricCollection:
     return MetricCollection(
         {f"top{k}": MulticlassAccuracy(num_classes, top_k=k, average="micro") for k in top_k}
@@ -41,7 +45,7 @@ class PeerMetrics(nn.Module):
     computed on (all ranks together).
     """
 
-    def __init__(self, num_peers: int, num_classes: int, top_k: tuple[int, ...] = (1, 5)) -> None:
+    def __init__(self, num_peers: int, num_classes: int, top_k: tuple[int, ...] = TOP_K) -> None:
         super().__init__()
         self.top_k = tuple(k for k in top_k if k <= num_classes)
         self.peers = nn.ModuleList(_topk_collection(num_classes, self.top_k) for _ in range(num_peers))
@@ -75,10 +79,7 @@ class PeerMetrics(nn.Module):
         self.num_images.reset()
 
 
-MONITOR = "val/best_peer/top1"  # checkpoints select on the best peer's validation top-1
-
-
 def validation_metrics(num_peers: int) -> list[str]:
     """The names OKDSystem logs after each validation (``PeerMetrics.compute`` under ``val/``)."""
     groups = [f"peer{i}" for i in range(num_peers)] + ["peer_mean", "ensemble"]
-    return [MONITOR, *(f"val/{g}/top{k}" for g in groups for k in (1, 5)), "val/num_images"]
+    return [MONITOR, *(f"val/{g}/top{k}" for g in groups for k in TOP_K), "val/num_images"]

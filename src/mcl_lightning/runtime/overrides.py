@@ -68,10 +68,16 @@ def group_options(cfg: DictConfig, group: str) -> tuple[list[str], str] | None:
         cls = get_class(str(target))
     except Exception:  # a target that does not import: instantiating it says so
         return None
-    params = inspect.signature(cls).parameters
+    names = argument_names(cls)
+    return None if names is None else (names, cls.__name__)
+
+
+def argument_names(target: Callable) -> list[str] | None:
+    """The arguments ``target`` takes by name, or None when it takes any (``**kwargs``)."""
+    params = inspect.signature(target).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return None
-    return [name for name in params if name != "self"], cls.__name__
+    return [name for name in params if name != "self"]
 
 
 def optim_options(node: DictConfig) -> tuple[list[str], str] | None:
@@ -122,9 +128,7 @@ def check_callbacks(cfg: DictConfig) -> None:
             if close:
                 raise ConfigError(f"unknown callback callbacks.{name}; did you mean callbacks.{close[0]}? "
                                   f"The run's callbacks: {', '.join(named)}")
-            shipped = sorted(p.name[:-5] for p in (resources.files("mcl_lightning.conf") / "callbacks").iterdir()
-                             if p.name.endswith(".yaml") and p.name[:-5] not in ("default", "none"))
-            if str(name) in shipped:
+            if str(name) in set(group_files("callbacks")) - {"default", "none"}:
                 raise ConfigError(f"callbacks.{name} is not in this run's callbacks; add the shipped one with "
                                   f"callbacks=[default,{name}] (then callbacks.{name}.<argument>=... sets it)")
             raise ConfigError(f"callbacks.{name} needs a _target_, the callback's class: e.g. "
@@ -156,11 +160,10 @@ def check_callbacks(cfg: DictConfig) -> None:
             raise ConfigError(f"callbacks.{name} ({owner}) needs {', '.join(missing)}: e.g. "
                               f"+callbacks.{name}.{missing[0]}=..." + (f" (the run's metric: {MONITOR})"
                                                                        if missing[0] == "monitor" else ""))
-        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-            continue
-        unknown = [key for key in options if not str(key).startswith("_") and key not in params]
+        names = argument_names(cls)
+        unknown = [] if names is None else [key for key in options if not str(key).startswith("_") and key not in names]
         if unknown:
-            raise unknown_option(f"callbacks.{name}", str(unknown[0]), [p for p in params if p != "self"], owner)
+            raise unknown_option(f"callbacks.{name}", str(unknown[0]), names, owner)
 
 
 def check_monitor(key: str, monitor: str, num_peers: int) -> None:
